@@ -1,0 +1,1 @@
+"""Backend adapters: ComfyUI (comfyui_backend) and diffusers (diffusers_backend). Import the one you need."""

@@ -1,0 +1,56 @@
+"""DDIM inversion (Song et al. 2021; as in Mokady et al., "Null-text Inversion", google/prompt-to-prompt)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .schedule import ddim_step
+from .types import BRANCH_SOURCE, Denoiser, StepCallback, check_finite
+
+__all__ = ["invert_ddim"]
+
+
+@torch.no_grad()
+def invert_ddim(
+    model: Denoiser,
+    z0: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Optional[StepCallback] = None,
+    branch: str = BRANCH_SOURCE,
+) -> torch.Tensor:
+    """Run deterministic DDIM backwards, from the clean latent to z*_T.
+
+    As in the reference ``ddim_loop``, the noise prediction of step i is taken from the current latent
+    z*_i at the *next* (noisier) noise level sigma_{i+1}:
+
+        eps_i     = eps_theta(z*_i, sigma_{i+1}, c)
+        z*_{i+1}  = DDIM(z*_i, eps_i; sigma_i -> sigma_{i+1})
+
+    Args:
+        model: guided noise predictor (guidance is the model's business; the reference uses 1).
+        z0: ``[B, C, H, W]`` VP latent of the source image.
+        sigmas: ``[steps + 1]`` ascending noise levels, ``sigmas[0]`` the clean end (``schedule.ddim_sigmas``).
+        callback: called after every step with ``{"i", "steps", "sigma", "z"}``.
+        branch: the conditioning branch the model should use.
+
+    Returns:
+        ``[steps + 1, B, C, H, W]``: z*_0 (= z0) .. z*_T.
+    """
+    check_finite("latent to invert", z0)
+    levels = [float(s) for s in sigmas]
+    if any(b < a for a, b in zip(levels, levels[1:])):
+        raise ValueError("DDIM inversion needs ascending sigmas (clean end first).")
+    sigmas_dev = sigmas.to(device=z0.device, dtype=z0.dtype)
+    steps = len(levels) - 1
+    z_star = z0.new_empty((steps + 1,) + tuple(z0.shape))
+    z_star[0] = z0
+    z = z0
+    for i in range(steps):
+        if levels[i + 1] != levels[i]:  # a zero-length step is the identity: no evaluation needed
+            eps = model(z, sigmas_dev[i + 1], branch)
+            z = ddim_step(z, eps, levels[i], levels[i + 1])
+        z_star[i + 1] = z
+        if callback is not None:
+            callback({"i": i, "steps": steps, "sigma": levels[i + 1], "z": z})
+    return z_star

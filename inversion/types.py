@@ -1,0 +1,136 @@
+"""Plain data passed between the core, the adapters and the nodes.
+
+Nothing here knows about ComfyUI or diffusers: conditioning is stored as whatever the backend that made an
+inversion uses (a ComfyUI CONDITIONING list, a diffusers embedding tensor) and handed back to that backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+
+__all__ = [
+    "BRANCH_SOURCE",
+    "BRANCH_TARGET",
+    "OFFSET_MODES",
+    "Denoiser",
+    "DirectInversionResult",
+    "Inversion",
+    "OffsetTrajectory",
+    "StepCallback",
+    "check_finite",
+]
+
+BRANCH_SOURCE = "source"
+BRANCH_TARGET = "target"
+
+# Where Direct Inversion's per-step offsets go (PnP Inversion, Ju et al. 2024, Sec. 4 and its ablations):
+#   source: the source branch only (the paper's method);
+#   both:   source and target (ablation "add-target": an identity edit is exact, edits are weaker);
+#   off:    nowhere (plain DDIM inversion + sampling, the baseline).
+OFFSET_MODES = ("source", "both", "off")
+
+StepCallback = Callable[[dict], None]
+
+
+class Denoiser(Protocol):
+    """What the core needs from a diffusion model: a guided noise prediction per branch.
+
+    ``z`` is a VP latent (the UNet's input), ``sigma`` a 0-dim tensor noise level on z's device, ``branch``
+    one of :data:`BRANCH_SOURCE` / :data:`BRANCH_TARGET`; the adapter picks the branch's conditioning, applies
+    classifier-free guidance with its negative conditioning and returns eps with z's shape.
+    """
+
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str) -> torch.Tensor: ...
+
+
+@dataclass
+class Inversion:
+    """An inverted image: the trajectory z*_0 .. z*_T and what is needed to use it safely.
+
+    Attributes:
+        method: inversion method (``"ddim"``).
+        z_star: ``[steps + 1, B, C, H, W]`` VP latents in the model's latent space; ``z_star[0]`` is the
+            source latent, ``z_star[-1]`` is z*_T.
+        sigmas: ``[steps + 1]`` float64 noise levels of ``z_star``, ascending (see ``schedule.ddim_sigmas``).
+        timesteps: the ``steps`` training timesteps of the DDIM steps, ascending.
+        cfg: guidance scale the inversion was run with.
+        conditioning: the source conditioning, in the format of the backend that made it.
+        negative: the negative conditioning used for guidance during inversion (``None`` if cfg == 1).
+        model_family: identifies the kind of model (architecture and prediction type); an inversion is only
+            valid for the same family.
+        options: method options, for the record.
+    """
+
+    method: str
+    z_star: torch.Tensor
+    sigmas: torch.Tensor
+    timesteps: list[int]
+    cfg: float
+    conditioning: Any
+    negative: Any
+    model_family: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.z_star.shape[0] - 1
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.z_star.shape[1:])
+
+    def check_model(self, model_family: str) -> None:
+        if model_family != self.model_family:
+            raise ValueError(
+                f"This inversion was made with a '{self.model_family}' model but is used with a "
+                f"'{model_family}' model. Invert the image again with the model you sample with."
+            )
+
+    def check_latent(self, latent: torch.Tensor, what: str = "latent") -> None:
+        if tuple(latent.shape) != self.latent_shape:
+            raise ValueError(
+                f"The {what} has shape {tuple(latent.shape)} (batch, channels, height, width) but the inversion "
+                f"was made from a latent of shape {self.latent_shape}. Use the same image size and batch."
+            )
+
+
+@dataclass
+class DirectInversionResult:
+    """Output of :func:`inversion.direct.sample_direct_inversion`.
+
+    Attributes:
+        edited: ``[B, C, H, W]`` the target branch's final latent.
+        source: ``[B, C, H, W]`` the source branch's final latent (the reconstruction).
+        offsets: ``[steps, B, C, H, W]`` o_t = z*_{t-1} - step(z*_t), in sampling order (first row: the step
+            from z*_T); recorded in every offset mode, applied as the mode says.
+    """
+
+    edited: torch.Tensor
+    source: torch.Tensor
+    offsets: torch.Tensor
+
+
+@dataclass
+class OffsetTrajectory:
+    """Direct Inversion's per-step offsets, as passed between nodes (type DI_OFFSETS).
+
+    Attributes:
+        offsets: ``[steps, B, C, H, W]`` in the model's latent space; row n belongs to the step from
+            ``sigmas[n]`` to ``sigmas[n + 1]``.
+        sigmas: ``[steps + 1]`` noise levels in sampling order (descending).
+        mode: the offset mode they were applied with (see :data:`OFFSET_MODES`).
+    """
+
+    offsets: torch.Tensor
+    sigmas: torch.Tensor
+    mode: str
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise a ValueError naming ``name`` if the tensor holds NaN or infinity."""
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise ValueError(f"The {name} contains {bad} NaN or infinite values; check the image and VAE that made it.")
+

@@ -1,0 +1,43 @@
+"""Shared fixtures. ComfyUI is found through $COMFYUI_PATH, ../.. or ~/comfy/ComfyUI (see di_testing)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import di_testing  # noqa: E402
+
+COMFYUI = di_testing.find_comfyui()
+if COMFYUI is not None:
+    sys.path.insert(0, str(COMFYUI))
+    from comfy.cli_args import args  # noqa: E402  (must be configured before comfy.model_management loads)
+
+    args.cpu = True
+    args.disable_all_custom_nodes = False
+
+
+def pytest_report_header(config):
+    if COMFYUI is None:
+        return f"ComfyUI: not found -- {di_testing.COMFY_SKIP_REASON}"
+    return f"ComfyUI: {COMFYUI}"
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The pack imported as a package (with its ComfyUI nodes when ComfyUI is available)."""
+    return di_testing.load_pack()
+
+
+@pytest.fixture(scope="session")
+def comfyui_path():
+    if COMFYUI is None:
+        pytest.skip(di_testing.COMFY_SKIP_REASON)
+    return COMFYUI
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    return di_testing.tiny_diffusers_unet()

@@ -1,0 +1,164 @@
+"""Test helpers: locate ComfyUI, import the pack, build tiny random-weight models.
+
+The test model: a diffusers ``UNet2DConditionModel`` with SD1.x's layout at toy size (two levels, 32/64
+channels, cross-attention dim 32), default diffusers initialisation, and its output convolution scaled by
+``OUT_SCALE``. At default initialisation a random UNet predicts "noise" of the same size as its input and
+uncorrelated with it; DDIM inversion then drifts as far as the signal itself. Scaling the last layer down
+makes eps small and smooth in z, like a trained denoiser's residual: DDIM inversion + sampling at guidance 1
+then reconstructs closely, and guidance 7.5 (which amplifies the conditional difference that inversion at
+guidance 1 never saw) reconstructs measurably worse -- the behaviour the papers start from.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "comfyui_direct_inversion"
+OUT_SCALE = 0.1
+CONTEXT_DIM = 32
+TOKENS = 8
+COMFY_SKIP_REASON = (
+    "ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or clone this pack into ComfyUI/custom_nodes/) "
+    "to run the ComfyUI tests"
+)
+
+# ldm (ComfyUI) layout of the same toy UNet: one res block per level, attention at level 0 only.
+TINY_LDM_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 0],
+    "transformer_depth_output": [1, 1, 0, 0],
+    "transformer_depth_middle": 1,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "legacy": False,
+    "adm_in_channels": None,
+    "context_dim": CONTEXT_DIM,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def find_comfyui() -> Optional[Path]:
+    """$COMFYUI_PATH, else the ComfyUI this pack sits in (../..), else ~/comfy/ComfyUI."""
+    candidates = [os.environ.get("COMFYUI_PATH"), ROOT.parent.parent, Path.home() / "comfy" / "ComfyUI"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "comfy" / "model_management.py").is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+def load_pack(name: str = PACKAGE):
+    """Import the repository as a package (its folder name may not be a valid module name)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_diffusers_unet(seed: int = 0, out_scale: float = OUT_SCALE):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CONTEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(out_scale)
+        unet.conv_out.bias.mul_(out_scale)
+    return unet.eval()
+
+
+def sd_scheduler(prediction_type: str = "epsilon"):
+    """SD1.x/2.x's DDIM scheduler as the reference code builds it."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, prediction_type=prediction_type)
+
+
+def image_like_latent(batch: int = 1, size: int = 16, seed: int = 1) -> torch.Tensor:
+    """A smooth latent with unit-ish variance, like a VAE latent of a photo."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(batch, 4, size // 4, size // 4, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def prompt_embeds(seed: int, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, TOKENS, CONTEXT_DIM, generator=g)
+
+
+def comfy_model_from_diffusers(unet, v_prediction: bool = False):
+    """A ComfyUI SD1.5-family ModelPatcher with the diffusers UNet's weights (ComfyUI's own key map)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.model_sampling
+    import comfy.supported_models
+    import comfy.utils
+
+    config = comfy.supported_models.SD15(TINY_LDM_UNET_CONFIG)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    diffusers_sd = unet.state_dict()
+    key_map = comfy.utils.unet_to_diffusers(config.unet_config)
+    ldm_sd = {ldm_key: diffusers_sd[diffusers_key] for diffusers_key, ldm_key in key_map.items()
+              if diffusers_key in diffusers_sd}
+    model.diffusion_model.load_state_dict(ldm_sd, strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    if v_prediction:
+        class ModelSamplingV(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+            pass
+
+        patcher.add_object_patch("model_sampling", ModelSamplingV(config))
+    return patcher
+
+
+def comfy_conditioning(embeds: torch.Tensor) -> list:
+    return [[embeds, {}]]
+
+
+def tiny_comfy_vae(seed: int = 0):
+    """A ComfyUI VAE (AutoencoderKL, 8x downscale, 4 latent channels) at toy width with random weights."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    config = {"params": {"embed_dim": 4, "ddconfig": ddconfig}}
+    shapes = {k: v.shape for k, v in AutoencoderKL(**config["params"]).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        if key.endswith("weight") and len(shape) > 1:
+            fan_in = torch.Size(shape[1:]).numel()
+            sd[key] = torch.randn(shape, generator=g) / fan_in ** 0.5
+        elif key.endswith("weight"):
+            sd[key] = torch.ones(shape)
+        else:
+            sd[key] = torch.zeros(shape)
+    return comfy.sd.VAE(sd=sd, config=config)

@@ -135,8 +135,20 @@ def _progress(model, steps: int, preview_key: str) -> Callable[[dict], None]:
     return callback
 
 
+def _check_conditioning(model, name: str, conditioning) -> None:
+    if not isinstance(conditioning, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2 for c in conditioning):
+        raise TypeError(f"The {name} conditioning is not a ComfyUI CONDITIONING (a list of [tensor, dict] pairs).")
+    width = model.model.model_config.unet_config.get("context_dim")
+    for embeds, _ in conditioning:
+        if width is not None and embeds.shape[-1] != width:
+            raise ValueError(f"The {name} conditioning has width {embeds.shape[-1]} but this model's cross-attention "
+                             f"expects {width}: encode the prompt with this model's CLIP.")
+
+
 def _run(model, branches: dict, negative, cfg: float, primary: str, sigmas: torch.Tensor, shape, run,
          latent_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+    for name, conditioning in [*branches.items(), ("negative", negative)]:
+        _check_conditioning(model, name, conditioning)
     guider = BranchGuider(model, branches, negative, cfg, primary)
     noise = torch.zeros(shape)
     latent = noise if latent_image is None else latent_image

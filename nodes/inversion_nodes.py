@@ -93,7 +93,7 @@ class DirectInversionSampler(io.ComfyNode):
             outputs=[
                 io.Latent.Output("edited", tooltip="The target branch: the edited image's latent."),
                 io.Latent.Output("source_reconstruction", tooltip="The source branch: equals the source latent with offsets on."),
-                DI_OFFSETS.Output("offsets", tooltip="Per-step offsets o_t (model latent space) with their sigmas."),
+                DI_OFFSETS.Output("step_offsets", tooltip="Per-step offsets o_t (model latent space) with their sigmas."),
             ],
         )
 

@@ -16,7 +16,9 @@ if COMFYUI is not None:
     from comfy.cli_args import args  # noqa: E402  (must be configured before comfy.model_management loads)
 
     args.cpu = True
-    args.disable_all_custom_nodes = False
+    # ComfyUI's nodes.py puts ComfyUI/comfy first on sys.path, where comfy/utils.py would then shadow ComfyUI's
+    # `utils` package; main.py imports that package before nodes.py, and so do we.
+    import utils.extra_config  # noqa: E402,F401
 
 
 def pytest_report_header(config):

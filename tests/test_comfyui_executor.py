@@ -1,0 +1,227 @@
+"""The pack inside real ComfyUI: loaded by ComfyUI's own loader, run by its executor, and its quick CI test."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import di_testing as T
+
+
+class FakeServer:
+    """What PromptExecutor needs of ComfyUI's server: it records the messages instead of sending them."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class TinySD15:
+    """Test-only node: a tiny SD1.5-family model, VAE and three prompts' conditioning (random weights)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("MODEL", "VAE", "CONDITIONING", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("model", "vae", "source", "target", "negative")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self):
+        model = T.comfy_model_from_diffusers(T.tiny_diffusers_unet())
+        conds = [T.comfy_conditioning(T.prompt_embeds(seed)) for seed in (1, 2, 3)]
+        return (model, T.tiny_comfy_vae(), *conds)
+
+
+class NaNLatent:
+    """Test-only node: a LATENT with a NaN in it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self):
+        samples = torch.zeros(1, 4, 16, 16)
+        samples[0, 0, 3, 3] = float("nan")
+        return ({"samples": samples},)
+
+
+@pytest.fixture(scope="module")
+def comfy_env(comfyui_path, tmp_path_factory):
+    import folder_paths
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(str(T.ROOT))), "ComfyUI failed to load the pack"
+    nodes.NODE_CLASS_MAPPINGS.update({"DITest_TinySD15": TinySD15, "DITest_NaNLatent": NaNLatent})
+
+    input_dir = tmp_path_factory.mktemp("input")
+    output_dir = tmp_path_factory.mktemp("output")
+    folder_paths.set_input_directory(str(input_dir))
+    folder_paths.set_output_directory(str(output_dir))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(input_dir / "di_test.png")
+    return nodes, output_dir
+
+
+def run_prompt(prompt: dict):
+    """Validate and execute an API-format prompt the way ComfyUI's server does; return (executor, server, validation)."""
+    import execution
+
+    prompt_id = str(uuid.uuid4())
+    validation = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    server = FakeServer()
+    executor = execution.PromptExecutor(server)
+    if validation[0]:
+        executor.execute(prompt, prompt_id, {}, validation[2])
+    return executor, server, validation
+
+
+def executing_node(node_id=None):
+    """The node a progress tick belongs to (ComfyUI's ProgressBar passes node_id=None; the executor knows)."""
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    return context.node_id if context is not None else node_id
+
+
+def output_of(executor, node_id: str, index: int):
+    return executor.caches.outputs.get(node_id)[index][0]
+
+
+def edit_graph(steps=10, offsets="source", cfg=7.5):
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "di_test.png"}},
+        "2": {"class_type": "DITest_TinySD15", "inputs": {}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 1]}},
+        "4": {"class_type": "DirectInversion_Invert",
+              "inputs": {"model": ["2", 0], "latent": ["3", 0], "source": ["2", 2], "negative": ["2", 4],
+                         "method": "ddim", "steps": steps, "cfg": 1.0}},
+        "5": {"class_type": "DirectInversion_Sampler",
+              "inputs": {"model": ["2", 0], "inversion": ["4", 0], "target": ["2", 3], "negative": ["2", 4],
+                         "cfg": cfg, "offsets": offsets}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["2", 1]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "di_edit"}},
+        # chaining into ComfyUI's own sampler: z_T and the schedule from Invert, noise off
+        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "9": {"class_type": "SamplerCustom",
+              "inputs": {"model": ["2", 0], "add_noise": False, "noise_seed": 0, "cfg": 1.0, "positive": ["2", 2],
+                         "negative": ["2", 4], "sampler": ["8", 0], "sigmas": ["4", 2], "latent_image": ["4", 1]}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["2", 1]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "di_chain"}},
+    }
+
+
+def test_nodes_are_registered_under_inversion(comfy_env):
+    nodes, _ = comfy_env
+    for node_id, display in (("DirectInversion_Invert", "Invert (DDIM/NT/NP/EDICT)"),
+                             ("DirectInversion_Sampler", "Direct Inversion Sampler")):
+        node = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert node.CATEGORY == "inversion"
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == display
+
+
+def test_edit_graph_runs_in_the_executor(comfy_env):
+    import comfy.utils
+
+    _, output_dir = comfy_env
+    ticks = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: ticks.append((executing_node(node_id), value, total)))
+    try:
+        executor, server, validation = run_prompt(edit_graph())
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert validation[0], validation
+    events = [event for event, _ in executor.status_messages]
+    assert "execution_success" in events, executor.status_messages[-3:]
+
+    encoded = output_of(executor, "3", 0)["samples"]
+    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    assert (source - encoded).abs().max().item() <= 1e-5  # Direct Inversion's guarantee, through the whole graph
+    assert edited.shape == encoded.shape and not torch.allclose(edited, encoded, atol=1e-3)
+    offsets = output_of(executor, "5", 2)
+    assert offsets.offsets.shape == (10,) + tuple(encoded.shape) and offsets.mode == "source"
+    assert sorted(p.name for p in output_dir.iterdir() if p.suffix == ".png")[:2] == ["di_chain_00001_.png",
+                                                                                      "di_edit_00001_.png"]
+    # one progress tick per step, on both of our nodes
+    assert [v for n, v, t in ticks if n == "4"] == list(range(1, 11))
+    assert [v for n, v, t in ticks if n == "5"] == list(range(1, 11))
+
+    # SamplerCustom from z_T along Invert's sigmas is the DDIM reconstruction (offsets off, cfg 1)
+    chained = output_of(executor, "9", 0)["samples"]
+    baseline, _, _ = run_prompt({**edit_graph(offsets="off", cfg=1.0),
+                                 "5": {**edit_graph()["5"], "inputs": {**edit_graph()["5"]["inputs"], "target": ["2", 2],
+                                                                       "cfg": 1.0, "offsets": "off"}}})
+    reference = output_of(baseline, "5", 1)["samples"]
+    sigma_min = float(output_of(executor, "4", 2)[-1])
+    assert torch.allclose(chained / (1 + sigma_min ** 2) ** 0.5, reference, atol=1e-4)
+
+
+def test_interrupt_stops_between_steps(comfy_env):
+    import comfy.model_management
+    import comfy.utils
+
+    steps_seen = []
+
+    def hook(value, total, preview, node_id=None):
+        if executing_node(node_id) == "5":
+            steps_seen.append(value)
+            if value == 3:
+                comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        executor, _, _ = run_prompt(edit_graph(steps=8))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    events = [event for event, _ in executor.status_messages]
+    assert "execution_interrupted" in events
+    assert steps_seen == [1, 2, 3]
+
+
+def test_bad_inputs_get_clear_errors(comfy_env):
+    graph = edit_graph()
+    graph["4"]["inputs"]["steps"] = 0
+    _, _, validation = run_prompt(graph)
+    assert not validation[0]
+    assert "steps" in str(validation[3]["4"]["errors"]) and "Value 0 smaller than min of 1" in str(validation[3]["4"])
+
+    graph = edit_graph()
+    graph["12"] = {"class_type": "DITest_NaNLatent", "inputs": {}}
+    graph["4"]["inputs"]["latent"] = ["12", 0]
+    executor, _, validation = run_prompt(graph)
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert errors and errors[0]["node_id"] == "4"
+    assert "latent to invert contains 1 NaN" in errors[0]["exception_message"]
+
+
+def test_pack_loads_in_quick_ci_run(comfyui_path, tmp_path):
+    """`python main.py --cpu --quick-test-for-ci` with the pack in custom_nodes: no import failure."""
+    base = tmp_path / "base"
+    (base / "custom_nodes").mkdir(parents=True)
+    os.symlink(T.ROOT, base / "custom_nodes" / "ComfyUI-DirectInversion")
+    run = subprocess.run([sys.executable, "main.py", "--cpu", "--quick-test-for-ci", "--base-directory", str(base)],
+                         cwd=comfyui_path, capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    lines = [line for line in log.splitlines() if "ComfyUI-DirectInversion" in line and "seconds" in line]
+    assert lines and "IMPORT FAILED" not in lines[0], log[-3000:]

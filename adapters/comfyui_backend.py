@@ -149,7 +149,7 @@ def _run(model, branches: dict, negative, cfg: float, primary: str, sigmas: torc
          latent_image: Optional[torch.Tensor] = None) -> torch.Tensor:
     for name, conditioning in [*branches.items(), ("negative", negative)]:
         _check_conditioning(model, name, conditioning)
-    guider = BranchGuider(model, branches, negative, cfg, primary)
+    guider = BranchGuider(model.clone(), branches, negative, cfg, primary)  # per-run options never reach the input
     noise = torch.zeros(shape)
     latent = noise if latent_image is None else latent_image
     sampling_sigmas = sigmas.flip(0).to(torch.float32)

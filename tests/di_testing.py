@@ -162,3 +162,46 @@ def tiny_comfy_vae(seed: int = 0):
         else:
             sd[key] = torch.zeros(shape)
     return comfy.sd.VAE(sd=sd, config=config)
+
+
+TINY_SDXL_UNET_CONFIG = {
+    **TINY_LDM_UNET_CONFIG,
+    "use_linear_in_transformer": True,
+    "adm_in_channels": 2816,  # SDXL's pooled CLIP-G (1280) + six 256-d size/crop embeddings
+    "num_classes": "sequential",
+    "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1],
+}
+SDXL_POOLED_DIM = 1280
+
+
+def tiny_comfy_sdxl(seed: int = 0, out_scale: float = OUT_SCALE):
+    """A ComfyUI SDXL-family ModelPatcher at toy size; ComfyUI leaves weights empty, so they are set here."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SDXL(TINY_SDXL_UNET_CONFIG)
+    config.unet_config["num_head_channels"] = 8  # SDXL's 64-channel heads do not fit 32 channels
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.diffusion_model.modules():
+            norm = isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+            for name, p in module.named_parameters(recurse=False):
+                if norm:
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif p.ndim > 1:  # fan-in scaled, as PyTorch's default initialisation
+                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+                else:
+                    p.zero_()
+        model.diffusion_model.out[2].weight.mul_(out_scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def sdxl_conditioning(seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, TOKENS, CONTEXT_DIM, generator=g),
+             {"pooled_output": torch.randn(1, SDXL_POOLED_DIM, generator=g)}]]

@@ -175,3 +175,21 @@ def test_errors_name_the_problem_and_leave_nothing_patched(comfy_backend, model,
     assert dict(model.patches) == patches_before
     assert torch.equal(after.edited, again.edited)
     assert (after.source - latent).abs().max().item() <= 1e-5
+
+
+def test_sdxl_family(comfy_backend):
+    """SDXL: pooled output and size conditioning go through ComfyUI's extra_conds; reconstruction is exact."""
+    model = T.tiny_comfy_sdxl()
+    z0 = T.image_like_latent()
+    latent = raw_latent(model, z0)
+    conds = [T.sdxl_conditioning(seed) for seed in (1, 2, 3)]
+    with torch.inference_mode():
+        inv = comfy_backend.invert(model, latent, conds[0], conds[2], steps=10)
+        out = comfy_backend.direct_inversion(model, inv.inversion, conds[1], conds[2], cfg=7.5)
+        plain = comfy_backend.direct_inversion(model, inv.inversion, conds[1], conds[2], cfg=7.5, offsets="off")
+    assert inv.inversion.model_family == "SDXL/EPS"
+    assert (out.source - latent).abs().max().item() <= 1e-5
+    assert (plain.source - latent).abs().max().item() > 1e-3  # the offsets did the work
+    sd15 = T.comfy_model_from_diffusers(T.tiny_diffusers_unet())
+    with pytest.raises(ValueError, match="made with a 'SDXL/EPS' model but is used with a 'SD15/EPS' model"):
+        comfy_backend.direct_inversion(sd15, inv.inversion, conds[1], conds[2])

@@ -2,9 +2,9 @@
 
 Every prediction goes through ``CFGGuider`` (``sampling_function`` -> ``calc_cond_batch``) of a guider whose
 ``sample`` loads the models with ComfyUI's model management, processes the conditioning (ControlNet, areas,
-masks, hooks), applies the model's wrappers and patches (LoRA, model patches, post-CFG functions) and cleans up
-in ``finally``. The core only sees a Denoiser; the branch a call belongs to travels in
-``transformer_options[BRANCH_OPTION]`` so that attention patches can tell the branches apart.
+masks, hooks), applies the model's wrappers and patches (LoRA, model patches, CFG functions) and cleans up in
+``finally``. The core only sees a Denoiser; the branch and trajectory level of a call travel in
+``transformer_options`` (``BRANCH_OPTION``, ``LEVEL_OPTION``) so that patches can tell them apart.
 
 Latent conventions: ComfyUI's LATENT holds raw VAE latents; ``process_latent_in`` maps them to the model's
 latent space, where the core works in VP scaling z. ComfyUI's samplers work in k-diffusion scaling
@@ -13,15 +13,20 @@ SamplerCustom with noise disabled.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
+import comfy.conds
 import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
+import comfy.utils
 import latent_preview
 
 from ..inversion import (
@@ -29,15 +34,24 @@ from ..inversion import (
     BRANCH_TARGET,
     Inversion,
     OffsetTrajectory,
+    autograd_weights,
     check_finite,
     ddim_sigmas,
-    invert_ddim,
-    sample_direct_inversion,
+    edit,
+    edit_guidance,
+    inversion_guidance,
+    invert as core_invert,
+    method_options,
+    proximal_delta,
 )
 
-__all__ = ["BRANCH_OPTION", "DirectInversionOutput", "InvertOutput", "direct_inversion", "invert", "model_family"]
+__all__ = ["BRANCH_OPTION", "LEVEL_OPTION", "DirectInversionOutput", "InvertOutput", "direct_inversion", "invert",
+           "model_family", "model_fingerprint"]
+
+log = logging.getLogger("DirectInversion")
 
 BRANCH_OPTION = "direct_inversion_branch"
+LEVEL_OPTION = "direct_inversion_level"
 
 
 def _model_sampling(model):
@@ -49,6 +63,23 @@ def model_family(model) -> str:
     ms = _model_sampling(model)
     prediction = "V_PREDICTION" if isinstance(ms, comfy.model_sampling.V_PREDICTION) else "EPS"
     return f"{type(model.model.model_config).__name__}/{prediction}"
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the weights the model samples with (LoRA and other weight patches included).
+
+    The model is loaded the way sampling loads it (patches applied), then 16 evenly spaced values of every
+    diffusion-model parameter, rounded to float16 so the model's precision does not matter, are hashed with the
+    parameter names and shapes.
+    """
+    comfy.model_management.load_models_gpu([model])
+    digest = hashlib.sha256()
+    for name, param in sorted(model.model.diffusion_model.named_parameters()):
+        flat = param.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 16)][:16].to("cpu", torch.float16)
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 def _check_supported(model) -> None:
@@ -70,27 +101,77 @@ def schedule(model, steps: int) -> tuple[torch.Tensor, list[int]]:
     return ddim_sigmas(_model_sampling(model).sigmas, steps)
 
 
+def _check_conditioning(model, name: str, conditioning) -> None:
+    if not isinstance(conditioning, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2 for c in conditioning):
+        raise TypeError(f"The {name} conditioning is not a ComfyUI CONDITIONING (a list of [tensor, dict] pairs).")
+    width = model.model.model_config.unet_config.get("context_dim")
+    for embeds, _ in conditioning:
+        if width is not None and embeds.shape[-1] != width:
+            raise ValueError(f"The {name} conditioning has width {embeds.shape[-1]} but this model's cross-attention "
+                             f"expects {width}: encode the prompt with this model's CLIP.")
+
+
+def _with_context(processed: list, context: torch.Tensor) -> list:
+    """Processed conds whose cross-attention context is replaced (null-text embeddings)."""
+    return [{**c, "model_conds": {**c["model_conds"], "c_crossattn": comfy.conds.CONDCrossAttn(context)}}
+            for c in processed]
+
+
+def _lerp_conditioning(source: list, null: list, weight: float) -> list:
+    """Negative-prompt inversion's unconditional input: (1 - w) source + w null, entry by entry."""
+    if weight == 0.0:
+        return source
+    if len(source) != len(null) or any(s[0].shape != n[0].shape for s, n in zip(source, null)):
+        raise ValueError("Negative-prompt interpolation needs a negative conditioning of the source's shape "
+                         "(same number of entries and tokens); use interpolation 0 or a negative of equal length.")
+    out = []
+    for (s_emb, s_opts), (n_emb, n_opts) in zip(source, null):
+        opts = dict(s_opts)
+        if "pooled_output" in s_opts and "pooled_output" in n_opts:
+            opts["pooled_output"] = torch.lerp(s_opts["pooled_output"], n_opts["pooled_output"].to(s_opts["pooled_output"]), weight)
+        out.append([torch.lerp(s_emb, n_emb.to(s_emb), weight), opts])
+    return out
+
+
 class BranchGuider(comfy.samplers.CFGGuider):
     """A CFGGuider with one positive conditioning per branch and a shared negative.
 
-    ``primary`` names the branch stored under ComfyUI's "positive" key (ControlNet hints applied to the
-    positive conditioning reach the negative through it, as in KSampler).
+    ``primary`` names the branch stored under ComfyUI's "positive" key (ControlNet hints applied to the positive
+    conditioning reach the negative through it, as in KSampler). ``level_contexts`` (null-text) replaces the
+    negative's cross-attention context per trajectory level.
     """
 
-    def __init__(self, model_patcher, branches: dict, negative, cfg: float, primary: str):
+    def __init__(self, model_patcher, branches: dict, negative, cfg: float, primary: str,
+                 level_contexts: Optional[Callable[[int], torch.Tensor]] = None):
         super().__init__(model_patcher)
         self.branch_keys = {name: ("positive" if name == primary else name) for name in branches}
         self.primary = primary
+        self.level_contexts = level_contexts
+        self._level_negatives = {}
         conds = {self.branch_keys[name]: cond for name, cond in branches.items()}
         conds["negative"] = negative
         self.inner_set_conds(conds)
         self.set_cfg(cfg)
 
+    def cond(self, branch: str) -> list:
+        return self.conds[self.branch_keys[branch]]
+
+    def negative(self, level: Optional[int]) -> list:
+        if self.level_contexts is None or level is None:
+            return self.conds.get("negative", None)
+        if level not in self._level_negatives:
+            self._level_negatives[level] = _with_context(self.conds["negative"], self.level_contexts(level))
+        return self._level_negatives[level]
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        branch = model_options.get("transformer_options", {}).get(BRANCH_OPTION, self.primary)
-        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative", None),
-                                                self.conds[self.branch_keys[branch]], self.cfg,
-                                                model_options=model_options, seed=seed)
+        options = model_options.get("transformer_options", {})
+        branch = options.get(BRANCH_OPTION, self.primary)
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.negative(options.get(LEVEL_OPTION)),
+                                                self.cond(branch), self.cfg, model_options=model_options, seed=seed)
+
+
+def _k_scale(sigma) -> float:
+    return math.sqrt(1.0 + float(sigma) ** 2)
 
 
 class ComfyDenoiser:
@@ -99,17 +180,42 @@ class ComfyDenoiser:
     def __init__(self, guider: BranchGuider, model_options: dict, seed):
         self.guider = guider
         self.seed = seed
-        self.options = {}
-        for branch in guider.branch_keys:
-            options = dict(model_options)
-            options["transformer_options"] = {**model_options.get("transformer_options", {}), BRANCH_OPTION: branch}
-            self.options[branch] = options
+        self.model_options = model_options
 
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str) -> torch.Tensor:
-        sigmas = sigma.expand(z.shape[0])
+    def options(self, branch: str, level: Optional[int]) -> dict:
+        transformer_options = {**self.model_options.get("transformer_options", {}), BRANCH_OPTION: branch,
+                               LEVEL_OPTION: level}
+        return {**self.model_options, "transformer_options": transformer_options}
+
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int) -> torch.Tensor:
         x = z * (1.0 + sigma * sigma).sqrt()  # VP -> k-diffusion scaling
-        denoised = self.guider(x, sigmas, model_options=self.options[branch], seed=self.seed)
+        denoised = self.guider(x, sigma.expand(z.shape[0]), model_options=self.options(branch, level), seed=self.seed)
         return (x - denoised) / sigma
+
+
+class ComfyNullText:
+    """The core's NullTextModel: conditional eps of the source and a differentiable unconditional eps."""
+
+    def __init__(self, denoiser: ComfyDenoiser):
+        self.denoiser = denoiser
+        negative = denoiser.guider.conds["negative"]
+        if len(negative) != 1:
+            raise ValueError("Null-text inversion optimises one negative (empty prompt) conditioning; the negative "
+                             f"has {len(negative)} entries. Use a single CLIP Text Encode with an empty prompt.")
+        self.null_embedding = negative[0]["model_conds"]["c_crossattn"].cond
+
+    def _eps(self, conds: list, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        guider = self.denoiser.guider
+        x = z * (1.0 + sigma * sigma).sqrt()
+        (denoised,) = comfy.samplers.calc_cond_batch(guider.inner_model, [conds], x, sigma.expand(z.shape[0]),
+                                                     self.denoiser.options(BRANCH_SOURCE, None))
+        return (x - denoised) / sigma
+
+    def eps_source(self, z, sigma):
+        return self._eps(self.denoiser.guider.cond(BRANCH_SOURCE), z, sigma)
+
+    def eps_null(self, z, sigma, embedding):
+        return self._eps(_with_context(self.denoiser.guider.conds["negative"], embedding), z, sigma)
 
 
 class _CoreSampler(comfy.samplers.Sampler):
@@ -124,65 +230,98 @@ class _CoreSampler(comfy.samplers.Sampler):
         return self.run(denoiser, latent_image)
 
 
-def _progress(model, steps: int, preview_key: str) -> Callable[[dict], None]:
-    """Core callback -> ComfyUI progress bar, latent preview and interrupt check."""
-    preview = latent_preview.prepare_callback(model, steps)
+class _Progress:
+    """Core callbacks -> one ComfyUI progress bar (with latent previews) and the interrupt check.
 
-    def callback(info: dict) -> None:
+    Inversion ticks once per DDIM step, then null-text once per inner iteration (a step that stops early
+    jumps to its end); sampling ticks once per step.
+    """
+
+    def __init__(self, model, steps: int, inner_steps: int = 0):
+        self.steps = steps
+        self.total = steps + steps * inner_steps
+        self.bar = comfy.utils.ProgressBar(self.total)
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    def _tick(self, done: int, latent: Optional[torch.Tensor] = None) -> None:
+        preview = None
+        if latent is not None and self.previewer is not None:
+            preview = self.previewer.decode_latent_to_preview_image("JPEG", latent.float())
+        self.bar.update_absolute(done, self.total, preview)
+
+    def __call__(self, info: dict) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        preview(info["i"], info[preview_key], None, info["steps"])
-
-    return callback
-
-
-def _check_conditioning(model, name: str, conditioning) -> None:
-    if not isinstance(conditioning, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2 for c in conditioning):
-        raise TypeError(f"The {name} conditioning is not a ComfyUI CONDITIONING (a list of [tensor, dict] pairs).")
-    width = model.model.model_config.unet_config.get("context_dim")
-    for embeds, _ in conditioning:
-        if width is not None and embeds.shape[-1] != width:
-            raise ValueError(f"The {name} conditioning has width {embeds.shape[-1]} but this model's cross-attention "
-                             f"expects {width}: encode the prompt with this model's CLIP.")
+        phase, i = info["phase"], info["i"]
+        if phase == "null_text_inner":
+            self._tick(self.steps + i * info["inner_steps"] + info["inner"] + 1)
+        elif phase == "null_text":
+            self._tick(self.steps + (i + 1) * info["inner_steps"], info["z"])
+        else:
+            self._tick(i + 1, info["z"] if phase == "invert" else info["denoised"])
 
 
 def _run(model, branches: dict, negative, cfg: float, primary: str, sigmas: torch.Tensor, shape, run,
-         latent_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+         latent_image: Optional[torch.Tensor] = None, level_contexts=None, proximal=("none", 0.75)) -> torch.Tensor:
     for name, conditioning in [*branches.items(), ("negative", negative)]:
         _check_conditioning(model, name, conditioning)
-    guider = BranchGuider(model.clone(), branches, negative, cfg, primary)  # per-run options never reach the input
+    model = model.clone()  # per-run options never reach the caller's ModelPatcher
+    if proximal[0] != "none":
+        if "sampler_cfg_function" in model.model_options:
+            log.warning("[DirectInversion] proximal guidance replaces the model's sampler CFG function for this edit.")
+        model.set_model_sampler_cfg_function(_proximal_cfg(*proximal))
+    guider = BranchGuider(model, branches, negative, cfg, primary, level_contexts)
     noise = torch.zeros(shape)
     latent = noise if latent_image is None else latent_image
     sampling_sigmas = sigmas.flip(0).to(torch.float32)
     return guider.sample(noise, latent, _CoreSampler(run), sampling_sigmas, disable_pbar=True, seed=0)
 
 
-def _k_scale(sigma: float) -> float:
-    return math.sqrt(1.0 + sigma * sigma)
+def _proximal_cfg(mode: str, quantile: float):
+    """A sampler CFG function: uncond + scale * prox(cond - uncond); ComfyUI hands it x - denoised = sigma * eps."""
+
+    def cfg_function(args):
+        cond, uncond = args["cond"], args["uncond"]
+        return uncond + args["cond_scale"] * proximal_delta(cond - uncond, mode, quantile)
+
+    return cfg_function
 
 
 @dataclass
 class InvertOutput:
     inversion: Inversion
-    z_T: torch.Tensor  # LATENT samples, k-diffusion scaling at sigmas[-1], for KSampler / SamplerCustom
+    z_T: torch.Tensor  # LATENT samples, k-diffusion scaling at the top level, for KSampler / SamplerCustom
     sampling_sigmas: torch.Tensor  # descending, without the zero-length last step
 
 
-def invert(model, latent: torch.Tensor, positive, negative, steps: int = 50, cfg: float = 1.0) -> InvertOutput:
-    """DDIM-invert a LATENT's samples with a ComfyUI model (reference defaults: 50 steps, guidance 1)."""
+def invert(model, latent: torch.Tensor, positive, negative, steps: int = 50, cfg: float = 1.0, method: str = "ddim",
+           options: Optional[dict] = None) -> InvertOutput:
+    """Invert a LATENT's samples with a ComfyUI model (reference defaults: 50 steps, guidance 1; ``options``
+    overrides the method's defaults, see ``inversion.methods``)."""
+    settings = method_options(method, options)
     check_finite("latent to invert", latent)
     sigmas, timesteps = schedule(model, steps)
+    guidance = inversion_guidance(method, settings, cfg)
+    fingerprint = model_fingerprint(model)
+    inner = settings.inner_steps if method == "null_text" else 0
     held = {}
 
     def run(denoiser, latent_image):
-        z_star = invert_ddim(denoiser, latent_image, sigmas, callback=_progress(model, steps, "z"))
-        held["z_star"] = z_star.to(comfy.model_management.intermediate_device())
-        return z_star[-1] * _k_scale(float(sigmas[-1]))
+        null_text = ComfyNullText(denoiser) if method == "null_text" else None
+        with autograd_weights(denoiser.guider.inner_model) if null_text else nullcontext():
+            z_star, levels, extras = core_invert(method, settings, denoiser, latent_image, sigmas, null_text,
+                                                 callback=_Progress(model, steps, inner))
+        held.update(z_star=z_star, sigmas=levels, extras=extras)
+        return z_star[-1].float() * _k_scale(levels[-1])
 
-    z_T = _run(model, {BRANCH_SOURCE: positive}, negative, cfg, BRANCH_SOURCE, sigmas, latent.shape, run,
+    z_T = _run(model, {BRANCH_SOURCE: positive}, negative, guidance, BRANCH_SOURCE, sigmas, latent.shape, run,
                latent_image=latent)
-    inversion = Inversion(method="ddim", z_star=held["z_star"], sigmas=sigmas, timesteps=timesteps, cfg=cfg,
-                          conditioning=positive, negative=negative, model_family=model_family(model))
-    distinct = torch.cat([sigmas[:1], sigmas[1:][sigmas[1:] != sigmas[:-1]]])
+    device = comfy.model_management.intermediate_device()
+    inversion = Inversion(method=method, z_star=held["z_star"].to(device), sigmas=held["sigmas"], timesteps=timesteps,
+                          cfg=guidance, conditioning=positive, negative=negative, model_family=model_family(model),
+                          options=vars(settings), fingerprint=fingerprint,
+                          extras={k: v.to(device) for k, v in held["extras"].items()})
+    levels = held["sigmas"]
+    distinct = torch.cat([levels[:1], levels[1:][levels[1:] != levels[:-1]]])
     return InvertOutput(inversion=inversion, z_T=z_T, sampling_sigmas=distinct.flip(0).to(torch.float32))
 
 
@@ -195,34 +334,55 @@ class DirectInversionOutput:
 
 def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float = 7.5, offsets: str = "source",
                      target_start: Optional[torch.Tensor] = None) -> DirectInversionOutput:
-    """Direct Inversion sampling with a ComfyUI model.
+    """Edit an inversion with a ComfyUI model: the source branch follows it, the target branch is the edit.
 
     ``target_start`` is an optional LATENT in the scaling of Invert's z_T output to start the target from.
     """
     inversion.check_model(model_family(model))
-    sigmas, _ = schedule(model, inversion.steps)
-    if not torch.allclose(sigmas, inversion.sigmas, rtol=1e-5, atol=0.0):
+    sigmas, _ = schedule(model, len(inversion.timesteps))
+    if not torch.allclose(sigmas[:len(inversion.sigmas)], inversion.sigmas, rtol=1e-5, atol=0.0):
         raise ValueError("This model's noise schedule differs from the one the inversion was made with; "
                          "invert again with this model.")
+    settings = method_options(inversion.method, inversion.options)
     x_target = None
     if target_start is not None:
         inversion.check_latent(target_start, "target start latent")
         check_finite("target start latent", target_start)
-        x_target = model.model.process_latent_in(target_start.float()) / _k_scale(float(sigmas[-1]))
+        x_target = model.model.process_latent_in(target_start.float()) / _k_scale(inversion.sigmas[-1])
+    if inversion.method == "edict" and offsets != "off":
+        log.info("[DirectInversion] EDICT reconstructs exactly without offsets; offsets=%s does not apply.", offsets)
+    guidance = edit_guidance(inversion, cfg)
+    if guidance != cfg:
+        log.info("[DirectInversion] %s edits use the inversion's guidance %.2f; cfg %.2f does not apply.",
+                 inversion.method, guidance, cfg)
+    level_contexts, proximal = None, ("none", 0.75)
+    if inversion.method == "negative_prompt":
+        negative = _lerp_conditioning(inversion.conditioning, negative, settings.interpolation)
+        proximal = (settings.proximal, settings.quantile)
+    elif inversion.method == "null_text":
+        negative = inversion.negative
+        table = inversion.extras["null_embeddings"]
+        level_contexts = lambda level: table[inversion.steps - level]  # noqa: E731
     batch = inversion.latent_shape[0]
     held = {}
 
     def run(denoiser, latent_image):
         device = latent_image.device
-        result = sample_direct_inversion(
-            denoiser, inversion.z_star.to(device), inversion.sigmas,
-            x_target=None if x_target is None else x_target.to(device), offsets=offsets,
-            callback=_progress(model, inversion.steps, "denoised"))
-        held["offsets"] = result.offsets.to(comfy.model_management.intermediate_device())
-        return torch.cat([result.edited, result.source])
+        result = edit(denoiser, _on_device(inversion, device), offsets=offsets,
+                      x_target=None if x_target is None else x_target.to(device),
+                      callback=_Progress(model, inversion.steps))
+        held["offsets"] = None if result.offsets is None else result.offsets.to(comfy.model_management.intermediate_device())
+        return torch.cat([result.edited, result.source]).float()
 
-    samples = _run(model, {BRANCH_SOURCE: inversion.conditioning, BRANCH_TARGET: positive}, negative, cfg,
-                   BRANCH_TARGET, sigmas, inversion.latent_shape, run)
+    samples = _run(model, {BRANCH_SOURCE: inversion.conditioning, BRANCH_TARGET: positive}, negative, guidance,
+                   BRANCH_TARGET, inversion.sigmas, inversion.latent_shape, run, level_contexts=level_contexts,
+                   proximal=proximal)
     edited, source = samples.split(batch)
-    return DirectInversionOutput(edited=edited, source=source,
-                                 offsets=OffsetTrajectory(offsets=held["offsets"], sigmas=sigmas.flip(0), mode=offsets))
+    trajectory = OffsetTrajectory(offsets=held["offsets"], sigmas=inversion.sigmas.flip(0),
+                                  mode="off" if inversion.method == "edict" else offsets)
+    return DirectInversionOutput(edited=edited, source=source, offsets=trajectory)
+
+
+def _on_device(inversion: Inversion, device) -> Inversion:
+    return replace(inversion, z_star=inversion.z_star.to(device),
+                   extras={k: v.to(device) for k, v in inversion.extras.items()})

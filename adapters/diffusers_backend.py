@@ -3,14 +3,15 @@
 Latents here are what diffusers pipelines pass to the UNet: ``vae.encode(image).latent_dist.mean *
 vae.config.scaling_factor``. Prompts are embeddings (``pipe.encode_prompt``'s output), ``[1 or B, tokens, dim]``.
 
-    inv = invert(unet, scheduler, latent, source_embeds, steps=50)
+    inv = invert(unet, scheduler, latent, source_embeds, negative_embeds, method="null_text")
     out = edit(unet, scheduler, inv, target_embeds, negative_embeds, cfg=7.5)
     image = vae.decode(out.edited / vae.config.scaling_factor).sample
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from contextlib import nullcontext
+from typing import Callable, Optional
 
 import torch
 
@@ -21,12 +22,18 @@ from ..inversion import (
     Inversion,
     StepCallback,
     alpha_bar,
+    autograd_weights,
+    check_finite,
     ddim_sigmas,
-    invert_ddim,
-    sample_direct_inversion,
+    edit_guidance,
+    inversion_guidance,
+    method_options,
+    proximal_delta,
 )
+from ..inversion import edit as core_edit
+from ..inversion import invert as core_invert
 
-__all__ = ["DiffusersDenoiser", "edit", "invert", "model_family", "train_sigmas"]
+__all__ = ["DiffusersDenoiser", "DiffusersNullText", "edit", "invert", "model_family", "train_sigmas"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -43,51 +50,75 @@ def model_family(unet, scheduler) -> str:
             f"-{scheduler.config.prediction_type}")
 
 
-class DiffusersDenoiser:
-    """Guided eps prediction of a diffusers UNet for named conditioning branches.
+class _UNet:
+    """eps of a diffusers UNet at a noise level (v-prediction converted)."""
 
-    Args:
-        unet: a ``UNet2DConditionModel``.
-        scheduler: the scheduler whose ``alphas_cumprod`` and ``prediction_type`` the UNet was trained with.
-        branches: prompt embeddings per branch name (``"source"``, ``"target"``).
-        negative: embeddings of the negative prompt; required when ``cfg != 1``.
-        cfg: classifier-free guidance scale; at 1 the negative branch is not evaluated (as in ComfyUI).
-    """
-
-    def __init__(self, unet, scheduler, branches: dict[str, torch.Tensor], negative: Optional[torch.Tensor],
-                 cfg: float):
+    def __init__(self, unet, scheduler):
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in _PREDICTION_TYPES:
             raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected one of {_PREDICTION_TYPES}.")
-        if cfg != 1.0 and negative is None:
-            raise ValueError("Guidance (cfg != 1) needs negative prompt embeddings.")
         self.unet = unet
         self.v_prediction = prediction_type == "v_prediction"
         self.log_sigmas = train_sigmas(scheduler).log()
-        self.branches = branches
-        self.negative = negative
-        self.cfg = cfg
 
-    def _timestep(self, sigma: torch.Tensor) -> int:
+    def timestep(self, sigma: torch.Tensor) -> int:
         return int((self.log_sigmas - math.log(float(sigma))).abs().argmin())
 
-    def _eps(self, z: torch.Tensor, t: int, sigma: float, embeds: torch.Tensor) -> torch.Tensor:
-        out = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=embeds.to(self.unet.dtype)).sample
-        out = out.to(z.dtype)
+    def eps(self, z: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        out = self.unet(z.to(self.unet.dtype), self.timestep(sigma),
+                        encoder_hidden_states=embeds.to(self.unet.dtype)).sample.to(z.dtype)
         if self.v_prediction:  # eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) z
-            a_t = alpha_bar(sigma)
+            a_t = alpha_bar(float(sigma))
             out = math.sqrt(a_t) * out + math.sqrt(1.0 - a_t) * z
         return out
 
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str) -> torch.Tensor:
-        t = self._timestep(sigma)
-        batch = z.shape[0]
-        cond = _to_batch(self.branches[branch], batch, z.device)
+
+class DiffusersDenoiser(_UNet):
+    """Guided eps prediction of a diffusers UNet for named conditioning branches.
+
+    Args:
+        unet, scheduler: a ``UNet2DConditionModel`` and the scheduler it was trained with.
+        branches: prompt embeddings per branch name (``"source"``, ``"target"``).
+        negative: embeddings of the unconditional input; required when ``cfg != 1`` unless ``negative_at`` is given.
+        cfg: classifier-free guidance scale; at 1 the unconditional input is not evaluated (as in ComfyUI).
+        negative_at: per-level unconditional embeddings (null-text), overriding ``negative``.
+        proximal: ``(mode, quantile)`` of proximal guidance (see ``inversion.guidance``).
+    """
+
+    def __init__(self, unet, scheduler, branches: dict, negative: Optional[torch.Tensor], cfg: float,
+                 negative_at: Optional[Callable[[int], torch.Tensor]] = None, proximal=("none", 0.75)):
+        super().__init__(unet, scheduler)
+        if cfg != 1.0 and negative is None and negative_at is None:
+            raise ValueError("Guidance (cfg != 1) needs negative prompt embeddings.")
+        self.branches = branches
+        self.negative = negative
+        self.negative_at = negative_at
+        self.cfg = cfg
+        self.proximal = proximal
+
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int) -> torch.Tensor:
+        cond = _to_batch(self.branches[branch], z.shape[0], z.device)
         if self.cfg == 1.0:
-            return self._eps(z, t, float(sigma), cond)
-        uncond = _to_batch(self.negative, batch, z.device)
-        eps_uncond, eps_cond = self._eps(torch.cat([z, z]), t, float(sigma), torch.cat([uncond, cond])).chunk(2)
-        return eps_uncond + self.cfg * (eps_cond - eps_uncond)
+            return self.eps(z, sigma, cond)
+        negative = self.negative if self.negative_at is None else self.negative_at(level)
+        uncond = _to_batch(negative, z.shape[0], z.device)
+        eps_uncond, eps_cond = self.eps(torch.cat([z, z]), sigma, torch.cat([uncond, cond])).chunk(2)
+        return eps_uncond + self.cfg * proximal_delta(eps_cond - eps_uncond, *self.proximal)
+
+
+class DiffusersNullText(_UNet):
+    """The core's NullTextModel over a diffusers UNet."""
+
+    def __init__(self, unet, scheduler, source: torch.Tensor, null: torch.Tensor):
+        super().__init__(unet, scheduler)
+        self.source = source
+        self.null_embedding = null
+
+    def eps_source(self, z, sigma):
+        return self.eps(z, sigma, _to_batch(self.source, z.shape[0], z.device))
+
+    def eps_null(self, z, sigma, embedding):
+        return self.eps(z, sigma, _to_batch(embedding, z.shape[0], z.device))
 
 
 def _to_batch(embeds: torch.Tensor, batch: int, device) -> torch.Tensor:
@@ -97,25 +128,55 @@ def _to_batch(embeds: torch.Tensor, batch: int, device) -> torch.Tensor:
 
 
 def invert(unet, scheduler, latent: torch.Tensor, prompt_embeds: torch.Tensor,
-           negative_embeds: Optional[torch.Tensor] = None, steps: int = 50, cfg: float = 1.0,
-           callback: Optional[StepCallback] = None) -> Inversion:
-    """DDIM-invert a latent along the scheduler's schedule (reference defaults: 50 steps, guidance 1)."""
+           negative_embeds: Optional[torch.Tensor] = None, steps: int = 50, cfg: float = 1.0, method: str = "ddim",
+           options: Optional[dict] = None, callback: Optional[StepCallback] = None) -> Inversion:
+    """Invert a latent along the scheduler's DDIM schedule with ``method`` (reference defaults: 50 steps,
+    guidance 1; ``options`` overrides the method's defaults, see ``inversion.methods``).
+
+    Null-text starts from ``negative_embeds`` (the empty prompt's embeddings) and EDICT guides with it.
+    """
+    settings = method_options(method, options)
+    check_finite("latent to invert", latent)
     sigmas, timesteps = ddim_sigmas(train_sigmas(scheduler), steps)
-    denoiser = DiffusersDenoiser(unet, scheduler, {BRANCH_SOURCE: prompt_embeds}, negative_embeds, cfg)
-    z_star = invert_ddim(denoiser, latent.float(), sigmas, callback=callback)
-    return Inversion(method="ddim", z_star=z_star, sigmas=sigmas, timesteps=timesteps, cfg=cfg,
-                     conditioning=prompt_embeds, negative=negative_embeds if cfg != 1.0 else None,
-                     model_family=model_family(unet, scheduler))
+    guidance = inversion_guidance(method, settings, cfg)
+    denoiser = DiffusersDenoiser(unet, scheduler, {BRANCH_SOURCE: prompt_embeds}, negative_embeds, guidance)
+    null_text = None
+    if method == "null_text":
+        if negative_embeds is None:
+            raise ValueError("Null-text inversion starts from the empty prompt's embeddings: pass negative_embeds.")
+        null_text = DiffusersNullText(unet, scheduler, prompt_embeds, negative_embeds)
+    with autograd_weights(unet) if method == "null_text" else nullcontext():
+        z_star, sigmas, extras = core_invert(method, settings, denoiser, latent.float(), sigmas, null_text, callback)
+    return Inversion(method=method, z_star=z_star, sigmas=sigmas, timesteps=timesteps, cfg=guidance,
+                     conditioning=prompt_embeds, negative=negative_embeds, model_family=model_family(unet, scheduler),
+                     options=vars(settings), extras=extras)
 
 
-def edit(unet, scheduler, inversion: Inversion, target_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+def edit(unet, scheduler, inversion: Inversion, target_embeds: torch.Tensor, negative_embeds: Optional[torch.Tensor],
          cfg: float = 7.5, offsets: str = "source", x_target: Optional[torch.Tensor] = None,
          callback: Optional[StepCallback] = None) -> DirectInversionResult:
-    """Direct Inversion sampling: the source branch follows the inversion, the target branch is the edit."""
+    """Edit an inversion: the source branch follows it, the target branch is the edit (see ``inversion.methods``)."""
     inversion.check_model(model_family(unet, scheduler))
     if x_target is not None:
         inversion.check_latent(x_target, "target start latent")
-    denoiser = DiffusersDenoiser(unet, scheduler, {BRANCH_SOURCE: inversion.conditioning, BRANCH_TARGET: target_embeds},
-                                 negative_embeds, cfg)
-    return sample_direct_inversion(denoiser, inversion.z_star, inversion.sigmas, x_target=x_target,
-                                   offsets=offsets, callback=callback)
+    settings = method_options(inversion.method, inversion.options)
+    branches = {BRANCH_SOURCE: inversion.conditioning, BRANCH_TARGET: target_embeds}
+    negative_at, proximal = None, ("none", 0.75)
+    if inversion.method == "negative_prompt":
+        negative_embeds = _interpolate(inversion.conditioning, negative_embeds, settings.interpolation)
+        proximal = (settings.proximal, settings.quantile)
+    elif inversion.method == "null_text":
+        table = inversion.extras["null_embeddings"]
+        negative_at = lambda level: table[inversion.steps - level]  # noqa: E731
+    denoiser = DiffusersDenoiser(unet, scheduler, branches, negative_embeds, edit_guidance(inversion, cfg),
+                                 negative_at=negative_at, proximal=proximal)
+    return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback)
+
+
+def _interpolate(source: torch.Tensor, null: Optional[torch.Tensor], weight: float) -> torch.Tensor:
+    """Negative-prompt inversion's unconditional input: (1 - w) source + w null."""
+    if weight == 0.0:
+        return source
+    if null is None or null.shape != source.shape:
+        raise ValueError("Interpolating toward the null prompt needs negative embeddings of the source's shape.")
+    return torch.lerp(source, null.to(source), weight)

@@ -1,6 +1,19 @@
 """Backend-agnostic inversion and Direct Inversion sampling (plain PyTorch; imports neither ComfyUI nor diffusers)."""
 from .ddim import invert_ddim
 from .direct import sample_direct_inversion
+from .edict import EdictOptions, edict_levels, invert_edict, sample_edict
+from .guidance import PROXIMAL_MODES, proximal_delta
+from .methods import (
+    METHODS,
+    DdimOptions,
+    NegativePromptOptions,
+    edit,
+    edit_guidance,
+    invert,
+    inversion_guidance,
+    method_options,
+)
+from .null_text import NullTextOptions, NullTextResult, autograd_weights, optimize_null_text
 from .schedule import alpha_bar, ddim_sigmas, ddim_step, ddim_timesteps, eps_to_x0
 from .types import (
     BRANCH_SOURCE,
@@ -9,26 +22,17 @@ from .types import (
     Denoiser,
     DirectInversionResult,
     Inversion,
+    NullTextModel,
     OffsetTrajectory,
     StepCallback,
     check_finite,
 )
 
 __all__ = [
-    "BRANCH_SOURCE",
-    "BRANCH_TARGET",
-    "OFFSET_MODES",
-    "Denoiser",
-    "DirectInversionResult",
-    "Inversion",
-    "OffsetTrajectory",
-    "StepCallback",
-    "alpha_bar",
-    "check_finite",
-    "ddim_sigmas",
-    "ddim_step",
-    "ddim_timesteps",
-    "eps_to_x0",
-    "invert_ddim",
-    "sample_direct_inversion",
+    "BRANCH_SOURCE", "BRANCH_TARGET", "METHODS", "OFFSET_MODES", "PROXIMAL_MODES",
+    "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "Inversion", "NegativePromptOptions",
+    "NullTextModel", "NullTextOptions", "NullTextResult", "OffsetTrajectory", "StepCallback",
+    "alpha_bar", "autograd_weights", "check_finite", "ddim_sigmas", "ddim_step", "ddim_timesteps", "edict_levels",
+    "edit", "edit_guidance", "eps_to_x0", "invert", "invert_ddim", "inversion_guidance", "invert_edict", "method_options", "optimize_null_text",
+    "proximal_delta", "sample_direct_inversion", "sample_edict",
 ]

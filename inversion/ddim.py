@@ -31,7 +31,7 @@ def invert_ddim(
         model: guided noise predictor (guidance is the model's business; the reference uses 1).
         z0: ``[B, C, H, W]`` VP latent of the source image.
         sigmas: ``[steps + 1]`` ascending noise levels, ``sigmas[0]`` the clean end (``schedule.ddim_sigmas``).
-        callback: called after every step with ``{"i", "steps", "sigma", "z"}``.
+        callback: called after every step with ``{"phase": "invert", "i", "steps", "sigma", "z"}``.
         branch: the conditioning branch the model should use.
 
     Returns:
@@ -48,9 +48,9 @@ def invert_ddim(
     z = z0
     for i in range(steps):
         if levels[i + 1] != levels[i]:  # a zero-length step is the identity: no evaluation needed
-            eps = model(z, sigmas_dev[i + 1], branch)
+            eps = model(z, sigmas_dev[i + 1], branch, i + 1)
             z = ddim_step(z, eps, levels[i], levels[i + 1])
         z_star[i + 1] = z
         if callback is not None:
-            callback({"i": i, "steps": steps, "sigma": levels[i + 1], "z": z})
+            callback({"phase": "invert", "i": i, "steps": steps, "sigma": levels[i + 1], "z": z})
     return z_star

@@ -48,7 +48,7 @@ def sample_direct_inversion(
         sigmas: ``[steps + 1]`` ascending noise levels of ``z_star``.
         x_target: optional start of the target branch (default z*_T), shape ``[B, C, H, W]``.
         offsets: one of :data:`OFFSET_MODES`.
-        callback: called after every step with ``{"i", "steps", "sigma", "x_source", "x_target",
+        callback: called after every step with ``{"phase": "sample", "i", "steps", "sigma", "x_source", "x_target",
             "denoised", "offset"}`` (``denoised``: the target's x0 prediction, for previews).
 
     Returns:
@@ -70,8 +70,8 @@ def sample_direct_inversion(
     for n, t in enumerate(range(steps, 0, -1)):
         sigma, sigma_prev = levels[t], levels[t - 1]
         if sigma_prev != sigma:  # a zero-length step is the identity: no evaluation needed
-            eps_src = model(x_src, sigmas_dev[t], BRANCH_SOURCE)
-            eps_tgt = model(x_tgt, sigmas_dev[t], BRANCH_TARGET)
+            eps_src = model(x_src, sigmas_dev[t], BRANCH_SOURCE, t)
+            eps_tgt = model(x_tgt, sigmas_dev[t], BRANCH_TARGET, t)
             src_next = ddim_step(x_src, eps_src, sigma, sigma_prev)
             tgt_next = ddim_step(x_tgt, eps_tgt, sigma, sigma_prev)
             denoised = eps_to_x0(x_tgt, eps_tgt, sigma)
@@ -82,6 +82,6 @@ def sample_direct_inversion(
         x_src = src_next if offsets == "off" else src_next + offset
         x_tgt = tgt_next + offset if offsets == "both" else tgt_next
         if callback is not None:
-            callback({"i": n, "steps": steps, "sigma": sigma_prev, "x_source": x_src, "x_target": x_tgt,
+            callback({"phase": "sample", "i": n, "steps": steps, "sigma": sigma_prev, "x_source": x_src, "x_target": x_tgt,
                       "denoised": denoised, "offset": offset})
     return DirectInversionResult(edited=x_tgt, source=x_src, offsets=offset_rows)

@@ -17,6 +17,7 @@ __all__ = [
     "Denoiser",
     "DirectInversionResult",
     "Inversion",
+    "NullTextModel",
     "OffsetTrajectory",
     "StepCallback",
     "check_finite",
@@ -38,11 +39,27 @@ class Denoiser(Protocol):
     """What the core needs from a diffusion model: a guided noise prediction per branch.
 
     ``z`` is a VP latent (the UNet's input), ``sigma`` a 0-dim tensor noise level on z's device, ``branch``
-    one of :data:`BRANCH_SOURCE` / :data:`BRANCH_TARGET`; the adapter picks the branch's conditioning, applies
-    classifier-free guidance with its negative conditioning and returns eps with z's shape.
+    one of :data:`BRANCH_SOURCE` / :data:`BRANCH_TARGET`, ``level`` the index of ``sigma`` in the trajectory's
+    sigmas (adapters use it for per-level conditioning such as null-text embeddings). The adapter picks the
+    branch's conditioning, applies classifier-free guidance with its negative conditioning and returns eps
+    with z's shape and dtype.
     """
 
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str) -> torch.Tensor: ...
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int) -> torch.Tensor: ...
+
+
+class NullTextModel(Protocol):
+    """What null-text optimisation needs: the source prompt's eps and a differentiable unconditional eps.
+
+    ``eps_null(z, sigma, embedding)`` must be differentiable with respect to ``embedding`` (a cross-attention
+    context of the null prompt's shape); ``null_embedding`` is where the optimisation starts.
+    """
+
+    null_embedding: torch.Tensor
+
+    def eps_source(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+
+    def eps_null(self, z: torch.Tensor, sigma: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -50,7 +67,7 @@ class Inversion:
     """An inverted image: the trajectory z*_0 .. z*_T and what is needed to use it safely.
 
     Attributes:
-        method: inversion method (``"ddim"``).
+        method: ``"ddim"``, ``"null_text"``, ``"negative_prompt"`` or ``"edict"``.
         z_star: ``[steps + 1, B, C, H, W]`` VP latents in the model's latent space; ``z_star[0]`` is the
             source latent, ``z_star[-1]`` is z*_T.
         sigmas: ``[steps + 1]`` float64 noise levels of ``z_star``, ascending (see ``schedule.ddim_sigmas``).
@@ -60,7 +77,11 @@ class Inversion:
         negative: the negative conditioning used for guidance during inversion (``None`` if cfg == 1).
         model_family: identifies the kind of model (architecture and prediction type); an inversion is only
             valid for the same family.
-        options: method options, for the record.
+        options: method options (see each method's ``*Options``), as plain JSON-able values.
+        extras: method-specific tensors: ``null_embeddings`` (null-text, ``[steps, 1, tokens, dim]`` in sampling
+            order: row n is the unconditional context of the step from level ``steps - n``), ``y_star``
+            (EDICT's second latent sequence, like ``z_star``).
+        fingerprint: a hash of the model weights the inversion was made with ("" if unknown).
     """
 
     method: str
@@ -72,6 +93,8 @@ class Inversion:
     negative: Any
     model_family: str
     options: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+    fingerprint: str = ""
 
     @property
     def steps(self) -> int:
@@ -104,12 +127,12 @@ class DirectInversionResult:
         edited: ``[B, C, H, W]`` the target branch's final latent.
         source: ``[B, C, H, W]`` the source branch's final latent (the reconstruction).
         offsets: ``[steps, B, C, H, W]`` o_t = z*_{t-1} - step(z*_t), in sampling order (first row: the step
-            from z*_T); recorded in every offset mode, applied as the mode says.
+            from z*_T); recorded in every offset mode, applied as the mode says; ``None`` for EDICT.
     """
 
     edited: torch.Tensor
     source: torch.Tensor
-    offsets: torch.Tensor
+    offsets: Optional[torch.Tensor]
 
 
 @dataclass
@@ -118,12 +141,12 @@ class OffsetTrajectory:
 
     Attributes:
         offsets: ``[steps, B, C, H, W]`` in the model's latent space; row n belongs to the step from
-            ``sigmas[n]`` to ``sigmas[n + 1]``.
+            ``sigmas[n]`` to ``sigmas[n + 1]``; ``None`` where the method has none (EDICT).
         sigmas: ``[steps + 1]`` noise levels in sampling order (descending).
         mode: the offset mode they were applied with (see :data:`OFFSET_MODES`).
     """
 
-    offsets: torch.Tensor
+    offsets: Optional[torch.Tensor]
     sigmas: torch.Tensor
     mode: str
 

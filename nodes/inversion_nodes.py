@@ -1,19 +1,24 @@
-"""Invert and Direct Inversion Sampler nodes: translation between ComfyUI types and the ComfyUI adapter."""
+"""Invert, Direct Inversion Sampler, method options and Save/Load Inversion nodes: translation between ComfyUI
+types and the ComfyUI adapter."""
 from __future__ import annotations
 
 import logging
+import os
 
+import folder_paths
 from comfy_api.latest import io
 
 from ..adapters import comfyui_backend as backend
-from ..inversion import OFFSET_MODES
+from ..inversion import METHODS, OFFSET_MODES, PROXIMAL_MODES, Inversion
+from ..inversion.storage import load_inversion, save_inversion
 
 log = logging.getLogger("DirectInversion")
 
 CATEGORY = "inversion"
 INVERSION = io.Custom("INVERSION")
+INVERSION_OPTIONS = io.Custom("INVERSION_OPTIONS")
 DI_OFFSETS = io.Custom("DI_OFFSETS")
-METHODS = ["ddim"]
+INVERSIONS_FOLDER = "inversions"
 
 
 def _samples(latent: dict, name: str):
@@ -30,21 +35,28 @@ class Invert(io.ComfyNode):
             display_name="Invert (DDIM/NT/NP/EDICT)",
             category=CATEGORY,
             description=(
-                "Inverts a real image's latent into the diffusion model's noise: runs deterministic DDIM backwards "
-                "with the source prompt and keeps the whole trajectory z*_0 .. z*_T for the Direct Inversion Sampler. "
-                "Defaults follow the papers' reference code (50 steps, guidance 1)."
+                "Inverts a real image's latent into the diffusion model's noise along a DDIM schedule and keeps the "
+                "trajectory for the Direct Inversion Sampler. ddim: plain DDIM inversion. null_text: DDIM, then one "
+                "optimised unconditional embedding per step (Mokady et al.). negative_prompt: DDIM, edited with the "
+                "source prompt as the unconditional input (Miyake et al.). edict: exact inversion with two coupled "
+                "latents (Wallace et al.). Defaults follow the papers' reference code; connect a method's Options node "
+                "to change them."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model (LoRA and model patches applied upstream act)."),
                 io.Latent.Input("latent", tooltip="The VAE-encoded source image."),
                 io.Conditioning.Input("source", tooltip="The source prompt: a description of the image as it is."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning, used when cfg > 1 (usually an empty prompt)."),
-                io.Combo.Input("method", options=METHODS, default="ddim",
-                               tooltip="ddim: plain DDIM inversion, the basis of Direct Inversion."),
+                io.Conditioning.Input("negative", tooltip="The empty prompt: guidance when cfg > 1, null-text's starting "
+                                                          "embedding, EDICT's unconditional input."),
+                io.Combo.Input("method", options=list(METHODS), default="ddim",
+                               tooltip="ddim, null_text (slow, most faithful), negative_prompt (fast, no optimisation), "
+                                       "edict (exact)."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="Number of DDIM steps; the sampler uses the same schedule."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance during inversion. 1 (the reference) inverts most faithfully."),
+                               tooltip="Guidance of the DDIM inversion pass (reference: 1). EDICT uses its own (3)."),
+                INVERSION_OPTIONS.Input("options", optional=True,
+                                        tooltip="Options of the chosen method, from its Options node (defaults otherwise)."),
             ],
             outputs=[
                 INVERSION.Output("inversion", tooltip="The inverted trajectory, for the Direct Inversion Sampler."),
@@ -55,11 +67,65 @@ class Invert(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latent, source, negative, method, steps, cfg) -> io.NodeOutput:
-        if method not in METHODS:
-            raise ValueError(f"Unknown inversion method {method!r}; available: {', '.join(METHODS)}.")
-        out = backend.invert(model, _samples(latent, "latent"), source, negative, steps=steps, cfg=cfg)
+    def execute(cls, model, latent, source, negative, method, steps, cfg, options=None) -> io.NodeOutput:
+        overrides = None
+        if options is not None:
+            if options["method"] != method:
+                raise ValueError(f"The connected options are for {options['method']} but the method is {method}; "
+                                 f"connect the {method} Options node or change the method.")
+            overrides = options["options"]
+        out = backend.invert(model, _samples(latent, "latent"), source, negative, steps=steps, cfg=cfg, method=method,
+                             options=overrides)
         return io.NodeOutput(out.inversion, {"samples": out.z_T}, out.sampling_sigmas)
+
+
+def _options_node(node_id: str, display_name: str, method: str, description: str, inputs: list) -> type:
+    """An Options node: its widgets, as a dict, for the Invert node's ``options`` input."""
+
+    class OptionsNode(io.ComfyNode):
+        @classmethod
+        def define_schema(cls) -> io.Schema:
+            return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                             inputs=inputs,
+                             outputs=[INVERSION_OPTIONS.Output("options", tooltip=f"For Invert with method {method}.")])
+
+        @classmethod
+        def execute(cls, **values) -> io.NodeOutput:
+            return io.NodeOutput({"method": method, "options": values})
+
+    OptionsNode.__name__ = OptionsNode.__qualname__ = node_id
+    return OptionsNode
+
+
+NullTextOptions = _options_node(
+    "DirectInversion_NullTextOptions", "Null-text Options", "null_text",
+    "Null-text inversion settings (reference: google/prompt-to-prompt NullInversion).",
+    [io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1, tooltip="Guidance the embeddings are optimised for (use the sampler's cfg)."),
+     io.Int.Input("inner_steps", default=10, min=1, max=100, tooltip="Adam iterations per step at most."),
+     io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=False,
+                    tooltip="Stop a step's optimisation once the loss < early_stop + step * 2e-5."),
+     io.Float.Input("lr", default=1e-2, min=1e-5, max=1.0, step=1e-4, round=False,
+                    tooltip="Adam learning rate at the first step, decaying by 1% per step.")])
+
+NegativePromptOptions = _options_node(
+    "DirectInversion_NegativePromptOptions", "Negative-prompt Options", "negative_prompt",
+    "Negative-prompt inversion settings (Miyake et al.; proximal guidance as in the PnPInversion code).",
+    [io.Float.Input("interpolation", default=0.0, min=0.0, max=1.0, step=0.05,
+                    tooltip="0: the source prompt is the unconditional input; 1: the negative prompt."),
+     io.Combo.Input("proximal", options=list(PROXIMAL_MODES), default="none",
+                    tooltip="Proximal guidance: keep only the strongest part of the guidance (PIE-Bench runs: l0)."),
+     io.Float.Input("quantile", default=0.75, min=-1.0, max=0.99, step=0.05,
+                    tooltip="Proximal threshold: this quantile of |cond - uncond| (negative: a fixed threshold).")])
+
+EdictOptions = _options_node(
+    "DirectInversion_EdictOptions", "EDICT Options", "edict",
+    "EDICT settings (reference: salesforce/EDICT EDICT_editing).",
+    [io.Float.Input("mix", default=0.93, min=0.51, max=1.0, step=0.01, tooltip="Mixing weight p of the coupled latents."),
+     io.Float.Input("strength", default=0.8, min=0.01, max=1.0, step=0.01,
+                    tooltip="Fraction of the steps to invert and regenerate (higher: stronger edits)."),
+     io.Float.Input("guidance", default=3.0, min=1.0, max=30.0, step=0.1,
+                    tooltip="Guidance of both inversion and generation (the sampler's cfg does not apply)."),
+     io.Boolean.Input("leapfrog", default=True, tooltip="Alternate which latent is updated first.")])
 
 
 class DirectInversionSampler(io.ComfyNode):
@@ -73,19 +139,22 @@ class DirectInversionSampler(io.ComfyNode):
                 "Edits an inverted image (Ju et al., PnP Inversion, ICLR 2024): a source branch and a target branch are "
                 "sampled with DDIM from z*_T; after every step the source branch is put back on the inversion "
                 "trajectory by the offset z*_(t-1) - step(z*_t), so it reconstructs the image exactly at any cfg. "
-                "Without an editor the target branch is plain DDIM sampling along the target prompt."
+                "Without an editor the target branch is plain DDIM sampling along the target prompt. Null-text uses its "
+                "optimised embeddings and negative-prompt the source prompt as unconditional input; EDICT samples its "
+                "coupled latents (exact without offsets)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model the inversion was made with (same family and schedule)."),
-                INVERSION.Input("inversion", tooltip="From the Invert node."),
+                INVERSION.Input("inversion", tooltip="From the Invert or Load Inversion node."),
                 io.Conditioning.Input("target", tooltip="The target prompt: the image as it should become."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning for classifier-free guidance of both branches."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning for classifier-free guidance of both branches "
+                                                          "(null-text uses its own; negative-prompt interpolates toward it)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale of both branches (reference: 7.5)."),
                 io.Combo.Input("offsets", options=list(OFFSET_MODES), default="source",
                                tooltip="source: Direct Inversion (offsets keep the source branch on the trajectory). "
                                        "both: offsets on the target too (identity edits exact, edits weaker). "
-                                       "off: plain DDIM inversion + sampling, for comparison."),
+                                       "off: no offsets, the method's own sampling, for comparison."),
                 io.Latent.Input("target_start", optional=True,
                                 tooltip="Optional start of the target branch in the scaling of Invert's z_T output "
                                         "(default: z_T itself)."),
@@ -105,4 +174,87 @@ class DirectInversionSampler(io.ComfyNode):
         return io.NodeOutput({"samples": out.edited}, {"samples": out.source}, out.offsets)
 
 
-NODES = [Invert, DirectInversionSampler]
+def _inversions_dir() -> str:
+    return os.path.join(folder_paths.get_output_directory(), INVERSIONS_FOLDER)
+
+
+def saved_inversions() -> list[str]:
+    """Saved inversion files, relative to the output directory's inversions folder."""
+    root = _inversions_dir()
+    found = []
+    for folder, _, files in os.walk(root):
+        found += [os.path.relpath(os.path.join(folder, f), root) for f in files if f.endswith(".safetensors")]
+    return sorted(found)
+
+
+class SaveInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DirectInversion_SaveInversion",
+            display_name="Save Inversion",
+            category=CATEGORY,
+            description=f"Writes an inversion to ComfyUI's output/{INVERSIONS_FOLDER} folder as a .safetensors file, "
+                        "so an expensive inversion (null-text) is made once and reused across edits and restarts.",
+            inputs=[
+                INVERSION.Input("inversion"),
+                io.String.Input("filename_prefix", default="inversion",
+                                tooltip=f"File name prefix inside output/{INVERSIONS_FOLDER}; a counter is added."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, inversion, filename_prefix) -> io.NodeOutput:
+        root = _inversions_dir()
+        os.makedirs(root, exist_ok=True)
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
+        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
+        save_inversion(inversion, path)
+        log.info("[DirectInversion] inversion saved to %s", path)
+        return io.NodeOutput(ui={"text": [os.path.relpath(path, root)]})
+
+
+class LoadInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DirectInversion_LoadInversion",
+            display_name="Load Inversion",
+            category=CATEGORY,
+            description=f"Reads an inversion saved by Save Inversion from output/{INVERSIONS_FOLDER}, and checks it "
+                        "belongs to this model (family and weights) and, if a latent is given, to its size.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to edit with: it must be the one the inversion was made with."),
+                io.Combo.Input("inversion_file", options=saved_inversions(),
+                               tooltip=f"A file in output/{INVERSIONS_FOLDER}."),
+                io.Latent.Input("latent", optional=True, tooltip="Optional: the source image's latent, to check the size."),
+            ],
+            outputs=[INVERSION.Output("inversion")],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion_file, latent=None) -> io.NodeOutput:
+        root = os.path.abspath(_inversions_dir())
+        path = os.path.abspath(os.path.join(root, inversion_file))
+        if os.path.commonpath((root, path)) != root or not os.path.isfile(path):
+            raise ValueError(f"No saved inversion {inversion_file!r} in {root}.")
+        inversion = load_inversion(path)
+        check_loaded(inversion, model, inversion_file)
+        if latent is not None:
+            inversion.check_latent(latent["samples"], "latent")
+        return io.NodeOutput(inversion)
+
+
+def check_loaded(inversion: Inversion, model, name: str) -> None:
+    """A loaded inversion must come from this model: family first, then the weights' fingerprint."""
+    inversion.check_model(backend.model_family(model))
+    fingerprint = backend.model_fingerprint(model)
+    if inversion.fingerprint != fingerprint:
+        raise ValueError(f"{name} was made with other model weights (fingerprint {inversion.fingerprint}, this model "
+                         f"{fingerprint}): a LoRA, checkpoint or merge differs. Invert again with this model.")
+
+
+NODES = [Invert, NullTextOptions, NegativePromptOptions, EdictOptions, DirectInversionSampler, SaveInversion,
+         LoadInversion]

@@ -107,9 +107,15 @@ def image_like_latent(batch: int = 1, size: int = 16, seed: int = 1) -> torch.Te
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
+PROMPT_SPREAD = 0.5
+
+
 def prompt_embeds(seed: int, batch: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, TOKENS, CONTEXT_DIM, generator=g)
+    """Toy prompt embeddings. Real CLIP embeddings of different prompts share most of their structure (the start
+    token, padding), so ours are a common base plus a prompt-specific part of relative size ``PROMPT_SPREAD``."""
+    base = torch.randn(1, TOKENS, CONTEXT_DIM, generator=torch.Generator().manual_seed(0))
+    own = torch.randn(batch, TOKENS, CONTEXT_DIM, generator=torch.Generator().manual_seed(1000 + seed))
+    return base + PROMPT_SPREAD * own
 
 
 def comfy_model_from_diffusers(unet, v_prediction: bool = False):

@@ -27,7 +27,7 @@ class ToyDenoiser:
         self.shift = shift
         self.calls = 0
 
-    def __call__(self, z, sigma, branch):
+    def __call__(self, z, sigma, branch, level):
         self.calls += 1
         return 0.1 * torch.tanh(z) + self.shift[branch] / (1.0 + sigma)
 
@@ -76,7 +76,7 @@ def test_inversion_follows_reference_ddim_loop(core):
         t_cur = t - stride
         a_cur = ac[t_cur].item() if t_cur >= 0 else ac[0].item()  # final_alpha_cumprod
         a_next = ac[t].item()
-        eps = model(latent, torch.tensor(math.sqrt((1 - a_next) / a_next), dtype=torch.float64), "source")
+        eps = model(latent, torch.tensor(math.sqrt((1 - a_next) / a_next), dtype=torch.float64), "source", 0)
         x0 = (latent - (1 - a_cur) ** 0.5 * eps) / a_cur ** 0.5
         latent = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
         expected.append(latent)
@@ -102,7 +102,7 @@ def test_direct_inversion_offsets(core):
     # the offsets are z*_{t-1} - step(z*_t) computed from the source prediction
     s = [float(v) for v in sigmas]
     t = 20
-    expected = z_star[t - 1] - core.ddim_step(z_star[t], model(z_star[t], sigmas[t], "source"), s[t], s[t - 1])
+    expected = z_star[t - 1] - core.ddim_step(z_star[t], model(z_star[t], sigmas[t], "source", t), s[t], s[t - 1])
     assert torch.allclose(out.offsets[0], expected, atol=1e-6)
 
     # "both": identical branches stay identical, so an identity edit is exact

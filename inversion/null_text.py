@@ -1,0 +1,146 @@
+"""Null-text inversion (Mokady et al., "Null-text Inversion for Editing Real Images using Guided Diffusion
+Models", CVPR 2023; reference: google/prompt-to-prompt ``NullInversion.null_optimization``)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from .schedule import ddim_step
+from .types import NullTextModel, StepCallback
+
+__all__ = ["NullTextOptions", "NullTextResult", "autograd_weights", "optimize_null_text"]
+
+
+@dataclass
+class NullTextOptions:
+    """The reference's settings (``NullInversion.invert`` defaults and ``null_optimization``)."""
+
+    guidance: float = 7.5  # GUIDANCE_SCALE
+    inner_steps: int = 10  # num_inner_steps
+    early_stop: float = 1e-5  # epsilon; the threshold at sampling step n is early_stop + n * early_stop_slope
+    early_stop_slope: float = 2e-5
+    lr: float = 1e-2  # Adam's learning rate at sampling step n is lr * (1 - n / lr_decay_steps)
+    lr_decay_steps: float = 100.0
+
+    def __post_init__(self):
+        if self.inner_steps < 1:
+            raise ValueError(f"null-text inner_steps must be at least 1, got {self.inner_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"null-text lr must be positive, got {self.lr}")
+
+
+@dataclass
+class NullTextResult:
+    """Attributes:
+        embeddings: ``[steps, ...]`` the optimised unconditional context per sampling step (row n: the step from
+            level ``steps - n``), starting from the null prompt's.
+        losses: per sampling step, the loss before each Adam update; empty for zero-length steps, whose DDIM
+            update is the identity, so no embedding can change it.
+        thresholds: per sampling step, the early-stop threshold.
+    """
+
+    embeddings: torch.Tensor
+    losses: list = field(default_factory=list)
+    thresholds: list = field(default_factory=list)
+
+
+def optimize_null_text(model: NullTextModel, z_star: torch.Tensor, sigmas: torch.Tensor,
+                       options: Optional[NullTextOptions] = None,
+                       callback: Optional[StepCallback] = None) -> NullTextResult:
+    """Optimise one unconditional embedding per step so that guided DDIM sampling retraces z*.
+
+    For sampling step n (from level t to t-1), starting from the previous step's embedding (the null prompt's
+    at n = 0), Adam minimises
+
+        L(emb) = || DDIM(z_n, eps_u(z_n, emb) + w (eps_c(z_n) - eps_u(z_n, emb)); t -> t-1) - z*_{t-1} ||^2
+
+    for up to ``inner_steps`` updates, stopping once L < early_stop + n * early_stop_slope; then
+    z_{n+1} = DDIM(z_n, ...) with the optimised embedding. z_0 = z*_T.
+
+    Works inside ``torch.inference_mode()``: it leaves inference mode for the optimisation; the adapter makes the
+    model's weights usable by autograd (see :func:`autograd_weights`).
+
+    Args:
+        model: the source prompt's eps and a differentiable unconditional eps.
+        z_star: ``[steps + 1, B, C, H, W]`` the DDIM inversion trajectory (guidance 1, as the reference).
+        sigmas: ``[steps + 1]`` ascending noise levels of ``z_star``.
+        callback: called after every inner iteration with ``{"phase": "null_text_inner", "i", "steps", "inner",
+            "inner_steps", "loss"}`` and after every step with ``{"phase": "null_text", "i", "steps", "z"}``.
+    """
+    options = options or NullTextOptions()
+    levels = [float(s) for s in sigmas]
+    steps = len(levels) - 1
+    with torch.inference_mode(False), torch.enable_grad():
+        z_star = z_star.clone()  # normal tensors: inference tensors cannot take part in autograd
+        sigmas_dev = sigmas.to(device=z_star.device, dtype=z_star.dtype)
+        embedding = model.null_embedding.detach().clone()
+        latent = z_star[steps]
+        rows, losses, thresholds = [], [], []
+        for n, t in enumerate(range(steps, 0, -1)):
+            sigma, sigma_prev = levels[t], levels[t - 1]
+            threshold = options.early_stop + n * options.early_stop_slope
+            history = []
+            if sigma_prev != sigma:
+                with torch.no_grad():
+                    eps_c = model.eps_source(latent, sigmas_dev[t])
+                embedding = embedding.detach().clone().requires_grad_(True)  # Adam updates in place
+                optimizer = torch.optim.Adam([embedding], lr=options.lr * (1.0 - n / options.lr_decay_steps))
+                for j in range(options.inner_steps):
+                    eps_u = model.eps_null(latent, sigmas_dev[t], embedding)
+                    eps = eps_u + options.guidance * (eps_c - eps_u)
+                    loss = torch.nn.functional.mse_loss(ddim_step(latent, eps, sigma, sigma_prev), z_star[t - 1])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    history.append(loss.item())
+                    if callback is not None:
+                        callback({"phase": "null_text_inner", "i": n, "steps": steps, "inner": j,
+                                  "inner_steps": options.inner_steps, "loss": history[-1]})
+                    if history[-1] < threshold:
+                        break
+                embedding = embedding.detach()
+                with torch.no_grad():
+                    eps_u = model.eps_null(latent, sigmas_dev[t], embedding)
+                    latent = ddim_step(latent, eps_u + options.guidance * (eps_c - eps_u), sigma, sigma_prev)
+            rows.append(embedding)
+            losses.append(history)
+            thresholds.append(threshold)
+            if callback is not None:
+                callback({"phase": "null_text", "i": n, "steps": steps, "z": latent,
+                          "inner_steps": options.inner_steps})
+    return NullTextResult(embeddings=torch.stack(rows), losses=losses, thresholds=thresholds)
+
+
+@contextmanager
+def autograd_weights(module: torch.nn.Module) -> Iterator[None]:
+    """Make a module's inference-mode parameters and buffers usable by autograd, without copying them.
+
+    Tensors created under ``torch.inference_mode()`` (as ComfyUI loads weights) cannot be saved for backward.
+    Inside this context every such parameter and buffer is replaced by a normal tensor that shares its memory
+    (a DLPack alias; a copy only for dtypes DLPack cannot carry); the originals are put back on exit, also on
+    error. Gradients are never enabled for the weights themselves.
+    """
+    swapped = []
+    try:
+        for sub in module.modules():
+            for store, make in ((sub._parameters, lambda t: torch.nn.Parameter(t, requires_grad=False)),
+                                (sub._buffers, lambda t: t)):
+                for name, tensor in list(store.items()):
+                    if tensor is not None and tensor.is_inference():
+                        swapped.append((store, name, tensor))
+                        store[name] = make(_alias(tensor))
+        yield
+    finally:
+        for store, name, tensor in reversed(swapped):
+            store[name] = tensor
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(False):
+        try:
+            return torch.from_dlpack(tensor.detach())
+        except (RuntimeError, TypeError, BufferError):
+            return tensor.detach().clone()

@@ -225,3 +225,52 @@ def test_pack_loads_in_quick_ci_run(comfyui_path, tmp_path):
     assert run.returncode == 0, log[-3000:]
     lines = [line for line in log.splitlines() if "ComfyUI-DirectInversion" in line and "seconds" in line]
     assert lines and "IMPORT FAILED" not in lines[0], log[-3000:]
+
+
+METHOD_OPTIONS = {
+    "null_text": ("DirectInversion_NullTextOptions", {"guidance": 7.5, "inner_steps": 3, "early_stop": 1e-5, "lr": 1e-2}),
+    "negative_prompt": ("DirectInversion_NegativePromptOptions", {"interpolation": 0.0, "proximal": "l0",
+                                                                  "quantile": 0.75}),
+    "edict": ("DirectInversion_EdictOptions", {"mix": 0.93, "strength": 0.8, "guidance": 3.0, "leapfrog": True}),
+}
+
+
+@pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
+def test_every_method_saves_loads_and_edits_in_the_executor(comfy_env, method):
+    _, output_dir = comfy_env
+    graph = edit_graph(steps=10)
+    graph["4"]["inputs"]["method"] = method
+    if method in METHOD_OPTIONS:
+        node, values = METHOD_OPTIONS[method]
+        graph["12"] = {"class_type": node, "inputs": values}
+        graph["4"]["inputs"]["options"] = ["12", 0]
+    graph["13"] = {"class_type": "DirectInversion_SaveInversion",
+                   "inputs": {"inversion": ["4", 0], "filename_prefix": f"test_{method}"}}
+    executor, _, validation = run_prompt(graph)
+    assert validation[0], validation
+    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    encoded = output_of(executor, "3", 0)["samples"]
+    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    assert torch.isfinite(edited).all() and edited.shape == encoded.shape
+    assert (source - encoded).abs().max().item() <= 1e-4  # exact up to the VAE latent scale (x 1/0.18215)
+    saved = sorted((output_dir / "inversions").glob(f"test_{method}_*.safetensors"))
+    assert len(saved) == 1
+
+    # a later run loads the saved inversion instead of inverting again, and edits identically
+    graph = edit_graph(steps=10)
+    graph["4"] = {"class_type": "DirectInversion_LoadInversion",
+                  "inputs": {"model": ["2", 0], "inversion_file": saved[0].name, "latent": ["3", 0]}}
+    graph.pop("9"), graph.pop("10"), graph.pop("11"), graph.pop("8")
+    again, _, validation = run_prompt(graph)
+    assert validation[0], validation
+    assert "execution_success" in [e for e, _ in again.status_messages], again.status_messages[-2:]
+    assert torch.equal(output_of(again, "5", 0)["samples"], edited)
+
+
+def test_options_of_another_method_are_refused(comfy_env):
+    graph = edit_graph(steps=4)
+    graph["12"] = {"class_type": "DirectInversion_EdictOptions", "inputs": METHOD_OPTIONS["edict"][1]}
+    graph["4"]["inputs"]["options"] = ["12", 0]
+    executor, _, _ = run_prompt(graph)
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert errors and "options are for edict but the method is ddim" in errors[0]["exception_message"]

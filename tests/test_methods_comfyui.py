@@ -1,0 +1,181 @@
+"""Null-text, negative-prompt and EDICT through the ComfyUI adapter; saved inversions."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import di_testing as T
+
+
+@pytest.fixture(scope="module")
+def comfy_backend(comfyui_path, pack):
+    from comfyui_direct_inversion.adapters import comfyui_backend
+
+    return comfyui_backend
+
+
+@pytest.fixture(scope="module")
+def inference_model(comfy_backend, tiny_unet):
+    """Built under inference_mode, as ComfyUI's executor loads checkpoints: its weights are inference tensors."""
+    with torch.inference_mode():
+        model = T.comfy_model_from_diffusers(tiny_unet)
+    assert all(p.is_inference() for p in model.model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def conds():
+    return {name: T.comfy_conditioning(T.prompt_embeds(seed)) for name, seed in
+            (("source", 1), ("target", 2), ("negative", 3))}
+
+
+@pytest.fixture(scope="module")
+def latent(inference_model):
+    return inference_model.model.process_latent_out(T.image_like_latent())
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().flatten().view(torch.uint8), b.contiguous().flatten().view(torch.uint8))
+
+
+def invert(backend, model, latent, conds, method, steps=8, options=None):
+    with torch.inference_mode():
+        return backend.invert(model, latent, conds["source"], conds["negative"], steps=steps, method=method,
+                              options=options).inversion
+
+
+def test_null_text_in_inference_mode_leaves_weights_alone(comfy_backend, inference_model, latent, conds, pack):
+    params = {name: p for name, p in inference_model.model.named_parameters()}
+    inv = invert(comfy_backend, inference_model, latent, conds, "null_text")
+    assert inv.extras["null_embeddings"].shape == (8, 1, T.TOKENS, T.CONTEXT_DIM)
+    assert not torch.equal(inv.extras["null_embeddings"][0], conds["negative"][0][0])  # it was optimised
+    # the very same parameter objects, still inference tensors, no gradients anywhere
+    after = dict(inference_model.model.named_parameters())
+    assert all(after[name] is p and p.is_inference() and p.grad is None for name, p in params.items())
+    assert not torch.is_grad_enabled() or not torch.is_inference_mode_enabled()
+
+
+def test_null_text_matches_the_diffusers_backend(comfy_backend, inference_model, latent, conds, tiny_unet):
+    from comfyui_direct_inversion.adapters import diffusers_backend
+
+    inv_c = invert(comfy_backend, inference_model, latent, conds, "null_text", steps=6)
+    inv_d = diffusers_backend.invert(tiny_unet, T.sd_scheduler(), T.image_like_latent(), conds["source"][0][0],
+                                     conds["negative"][0][0], steps=6, method="null_text")
+    delta = (inv_c.extras["null_embeddings"] - inv_d.extras["null_embeddings"]).norm()
+    moved = (inv_d.extras["null_embeddings"] - conds["negative"][0][0]).norm()
+    assert delta < 1e-3 * moved
+
+
+@pytest.mark.parametrize("method", ["null_text", "negative_prompt", "edict"])
+def test_methods_edit_through_the_comfyui_sampler(comfy_backend, inference_model, latent, conds, method):
+    inv = invert(comfy_backend, inference_model, latent, conds, method)
+    with torch.inference_mode():
+        out = comfy_backend.direct_inversion(inference_model, inv, conds["target"], conds["negative"], cfg=7.5)
+    assert torch.isfinite(out.edited).all()
+    z0 = inference_model.model.process_latent_in(latent)
+    assert (inference_model.model.process_latent_in(out.source) - z0).abs().max().item() <= 1e-5
+    assert ((out.edited - latent) ** 2).mean() > 1e-4 * latent.var()
+
+
+def test_edict_reconstruction_is_exact_in_comfyui(comfy_backend, inference_model, latent, conds):
+    inv = invert(comfy_backend, inference_model, latent, conds, "edict", steps=50)
+    with torch.inference_mode():
+        out = comfy_backend.direct_inversion(inference_model, inv, conds["source"], conds["negative"])
+    z0 = inference_model.model.process_latent_in(latent)
+    assert inv.steps == 40
+    assert (inference_model.model.process_latent_in(out.source) - z0).abs().max().item() <= 1e-6
+
+
+def test_negative_prompt_at_interpolation_0_is_ddim_at_guidance_1(comfy_backend, inference_model, latent, conds):
+    npi = invert(comfy_backend, inference_model, latent, conds, "negative_prompt", steps=20)
+    ddim = invert(comfy_backend, inference_model, latent, conds, "ddim", steps=20)
+    with torch.inference_mode():
+        out = comfy_backend.direct_inversion(inference_model, npi, conds["source"], conds["negative"], cfg=7.5,
+                                             offsets="off")
+        ref = comfy_backend.direct_inversion(inference_model, ddim, conds["source"], conds["negative"], cfg=1.0,
+                                             offsets="off")
+    assert torch.allclose(out.source, ref.source, atol=1e-4)
+
+
+def test_interrupt_during_null_text_leaves_the_model_clean(comfy_backend, inference_model, latent, conds):
+    import comfy.model_management
+    import comfy.utils
+
+    params = dict(inference_model.model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 8 + 3:  # three inner iterations into the first null-text step
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            invert(comfy_backend, inference_model, latent, conds, "null_text")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert seen[:9] == list(range(1, 10)) and seen[-1] == 11  # 8 DDIM steps, then inner iterations
+    after = dict(inference_model.model.named_parameters())
+    assert all(after[n] is p and p.is_inference() and p.requires_grad == flags[n] and p.grad is None
+               for n, p in params.items())
+    assert torch.is_grad_enabled()  # the test's own (default) mode is back
+
+
+def test_save_load_round_trip_and_errors(comfy_backend, inference_model, latent, conds, tiny_unet, tmp_path, pack):
+    from comfyui_direct_inversion.inversion.storage import InversionFileError, load_inversion, save_inversion
+    from comfyui_direct_inversion.nodes.inversion_nodes import check_loaded
+
+    for method in ("null_text", "edict"):
+        inv = invert(comfy_backend, inference_model, latent, conds, method, steps=6)
+        path = str(tmp_path / f"{method}.safetensors")
+        save_inversion(inv, path)
+        back = load_inversion(path)
+        assert bitwise_equal(back.z_star, inv.z_star) and bitwise_equal(back.sigmas, inv.sigmas)
+        assert back.extras.keys() == inv.extras.keys()
+        assert all(bitwise_equal(back.extras[k], inv.extras[k]) for k in inv.extras)  # NaN padding included
+        assert bitwise_equal(back.conditioning[0][0], inv.conditioning[0][0])
+        assert bitwise_equal(back.negative[0][0], inv.negative[0][0])
+        for field in ("method", "options", "timesteps", "cfg", "model_family", "fingerprint"):
+            assert getattr(back, field) == getattr(inv, field), field
+        check_loaded(back, inference_model, "file")  # same model: accepted
+        with torch.inference_mode():  # and it edits like the original
+            a = comfy_backend.direct_inversion(inference_model, inv, conds["target"], conds["negative"])
+            b = comfy_backend.direct_inversion(inference_model, back, conds["target"], conds["negative"])
+        assert torch.equal(a.edited, b.edited)
+
+    data = open(path, "rb").read()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InversionFileError, match="truncated or not a safetensors file"):
+        load_inversion(str(truncated))
+
+    # a file whose trajectory does not fit its recorded latent shape
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(path)
+    tensors["z_star"] = tensors["z_star"][:, :, :, :8].contiguous()
+    reshaped = tmp_path / "reshaped.safetensors"
+    save_file(tensors, str(reshaped), metadata=meta)
+    with pytest.raises(InversionFileError, match=r"inconsistent: its trajectory has shape \(5, 1, 4, 8, 16\)"):
+        load_inversion(str(reshaped))
+    # another image size than the latent it is used with
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 8, 8\).*\(1, 4, 16, 16\)"):
+        back.check_latent(torch.zeros(1, 4, 8, 8), "latent")
+
+    other = T.comfy_model_from_diffusers(T.tiny_diffusers_unet(seed=5))
+    with pytest.raises(ValueError, match="made with other model weights"):
+        check_loaded(back, other, "edict.safetensors")
+    patched = inference_model.clone()  # a LoRA-like weight patch changes the fingerprint too
+    patched.add_patches({"diffusion_model.out.2.weight": (torch.ones_like(tiny_unet.conv_out.weight),)}, 0.1)
+    with pytest.raises(ValueError, match="made with other model weights"):
+        check_loaded(back, patched, "edict.safetensors")
+    assert os.path.getsize(path) > 0

@@ -193,3 +193,18 @@ def test_sdxl_family(comfy_backend):
     sd15 = T.comfy_model_from_diffusers(T.tiny_diffusers_unet())
     with pytest.raises(ValueError, match="made with a 'SDXL/EPS' model but is used with a 'SD15/EPS' model"):
         comfy_backend.direct_inversion(sd15, inv.inversion, conds[1], conds[2])
+
+
+@pytest.mark.parametrize("method", ["null_text", "negative_prompt", "edict"])
+def test_sdxl_methods(comfy_backend, method):
+    """Null-text optimises only the cross-attention context (SDXL's pooled output stays the negative's)."""
+    model = T.tiny_comfy_sdxl()
+    z0 = T.image_like_latent()
+    latent = raw_latent(model, z0)
+    conds = [T.sdxl_conditioning(seed) for seed in (1, 2, 3)]
+    options = {"inner_steps": 2} if method == "null_text" else ({"interpolation": 0.5} if method == "negative_prompt" else None)
+    with torch.inference_mode():
+        inv = comfy_backend.invert(model, latent, conds[0], conds[2], steps=6, method=method, options=options)
+        out = comfy_backend.direct_inversion(model, inv.inversion, conds[1], conds[2], cfg=7.5)
+    assert torch.isfinite(out.edited).all()
+    assert (model.model.process_latent_in(out.source) - z0).abs().max().item() <= 1e-5

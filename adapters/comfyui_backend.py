@@ -174,6 +174,13 @@ def _k_scale(sigma) -> float:
     return math.sqrt(1.0 + float(sigma) ** 2)
 
 
+def _eps_via_denoised(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
+                      sigma: torch.Tensor) -> torch.Tensor:
+    """eps of a VP latent from a ComfyUI denoiser, which works in k-diffusion scaling x = z sqrt(1 + sigma^2)."""
+    x = z * (1.0 + sigma * sigma).sqrt()
+    return (x - denoise(x, sigma.expand(z.shape[0]))) / sigma
+
+
 class ComfyDenoiser:
     """The core's Denoiser over a BranchGuider that is inside ``sample`` (models loaded, conds processed)."""
 
@@ -188,9 +195,8 @@ class ComfyDenoiser:
         return {**self.model_options, "transformer_options": transformer_options}
 
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int) -> torch.Tensor:
-        x = z * (1.0 + sigma * sigma).sqrt()  # VP -> k-diffusion scaling
-        denoised = self.guider(x, sigma.expand(z.shape[0]), model_options=self.options(branch, level), seed=self.seed)
-        return (x - denoised) / sigma
+        return _eps_via_denoised(lambda x, sigmas: self.guider(x, sigmas, model_options=self.options(branch, level),
+                                                               seed=self.seed), z, sigma)
 
 
 class ComfyNullText:
@@ -205,11 +211,9 @@ class ComfyNullText:
         self.null_embedding = negative[0]["model_conds"]["c_crossattn"].cond
 
     def _eps(self, conds: list, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        guider = self.denoiser.guider
-        x = z * (1.0 + sigma * sigma).sqrt()
-        (denoised,) = comfy.samplers.calc_cond_batch(guider.inner_model, [conds], x, sigma.expand(z.shape[0]),
-                                                     self.denoiser.options(BRANCH_SOURCE, None))
-        return (x - denoised) / sigma
+        model, options = self.denoiser.guider.inner_model, self.denoiser.options(BRANCH_SOURCE, None)
+        return _eps_via_denoised(
+            lambda x, sigmas: comfy.samplers.calc_cond_batch(model, [conds], x, sigmas, options)[0], z, sigma)
 
     def eps_source(self, z, sigma):
         return self._eps(self.denoiser.guider.cond(BRANCH_SOURCE), z, sigma)

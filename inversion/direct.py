@@ -74,7 +74,7 @@ def sample_direct_inversion(
             eps_tgt = model(x_tgt, sigmas_dev[t], BRANCH_TARGET, t)
             src_next = ddim_step(x_src, eps_src, sigma, sigma_prev)
             tgt_next = ddim_step(x_tgt, eps_tgt, sigma, sigma_prev)
-            denoised = eps_to_x0(x_tgt, eps_tgt, sigma)
+            denoised = eps_to_x0(x_tgt, eps_tgt, sigma) if callback is not None else None  # previews only
         else:
             src_next, tgt_next, denoised = x_src, x_tgt, x_tgt
         offset = z_star[t - 1] - src_next

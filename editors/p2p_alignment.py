@@ -53,12 +53,22 @@ def tokenize_words(text: str, tokenize: Tokenize, start: int, end: int, max_len:
     return TokenizedPrompt(text=text, words=words, ids=tuple(ids), spans=tuple(spans))
 
 
+def _plain(word: str) -> str:
+    """A word as matched against a prompt's words: lower case, without surrounding punctuation ("Bench," ~ "bench")."""
+    return word.strip(PUNCTUATION).lower()
+
+
+PUNCTUATION = ",.;:!?\"'()[]"
+
+
 def word_positions(prompt: TokenizedPrompt, word: str) -> list[int]:
-    """Token positions of every occurrence of ``word`` (a word of the prompt, or a space-separated phrase of words)."""
-    wanted = word.split()
+    """Token positions of every occurrence of ``word`` (a word of the prompt, or a space-separated phrase of words;
+    case and surrounding punctuation are ignored)."""
+    wanted = [_plain(w) for w in word.split()]
+    words = [_plain(w) for w in prompt.words]
     found = []
-    for w in range(len(prompt.words) - len(wanted) + 1):
-        if list(prompt.words[w:w + len(wanted)]) == wanted:
+    for w in range(len(words) - len(wanted) + 1):
+        if wanted and words[w:w + len(wanted)] == wanted:
             for k in range(len(wanted)):
                 found += prompt.spans[w + k]
     if not found:

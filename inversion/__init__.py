@@ -21,6 +21,7 @@ from .types import (
     OFFSET_MODES,
     Denoiser,
     DirectInversionResult,
+    EditController,
     Inversion,
     NullTextModel,
     OffsetTrajectory,
@@ -30,7 +31,7 @@ from .types import (
 
 __all__ = [
     "BRANCH_SOURCE", "BRANCH_TARGET", "METHODS", "OFFSET_MODES", "PROXIMAL_MODES",
-    "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "Inversion", "NegativePromptOptions",
+    "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "EditController", "Inversion", "NegativePromptOptions",
     "NullTextModel", "NullTextOptions", "NullTextResult", "OffsetTrajectory", "StepCallback",
     "alpha_bar", "autograd_weights", "check_finite", "ddim_sigmas", "ddim_step", "ddim_timesteps", "edict_levels",
     "edit", "edit_guidance", "eps_to_x0", "invert", "invert_ddim", "inversion_guidance", "invert_edict", "method_options", "optimize_null_text",

@@ -13,6 +13,7 @@ from .types import (
     OFFSET_MODES,
     Denoiser,
     DirectInversionResult,
+    EditController,
     StepCallback,
     check_finite,
 )
@@ -28,6 +29,7 @@ def sample_direct_inversion(
     x_target: Optional[torch.Tensor] = None,
     offsets: str = "source",
     callback: Optional[StepCallback] = None,
+    controller: Optional[EditController] = None,
 ) -> DirectInversionResult:
     """Two-branch DDIM sampling along an inversion trajectory, with Direct Inversion's offsets.
 
@@ -48,6 +50,10 @@ def sample_direct_inversion(
         sigmas: ``[steps + 1]`` ascending noise levels of ``z_star``.
         x_target: optional start of the target branch (default z*_T), shape ``[B, C, H, W]``.
         offsets: one of :data:`OFFSET_MODES`.
+        controller: an editor's per-run state (see :class:`EditController`): the source is predicted before the
+            target at every step so the editor can carry the source's attention over, and ``after_step`` may change
+            the target latent. With offsets == "source" the source's latent is pinned to z*_{t-1} whatever it
+            predicts, so only its conditional half is evaluated (the offsets are then not computed: ``None``).
         callback: called after every step with ``{"phase": "sample", "i", "steps", "sigma", "x_source", "x_target",
             "denoised", "offset"}`` (``denoised``: the target's x0 prediction, for previews).
 
@@ -66,21 +72,30 @@ def sample_direct_inversion(
     x_src = z_star[steps]
     x_tgt = z_star[steps] if x_target is None else x_target.to(z_star)
     check_finite("target start latent", x_tgt)
-    offset_rows = z_star.new_zeros((steps,) + tuple(x_src.shape))
+    pinned_only = controller is not None and offsets == "source" and not controller.source_guided
+    offset_rows = None if pinned_only else z_star.new_zeros((steps,) + tuple(x_src.shape))
     for n, t in enumerate(range(steps, 0, -1)):
         sigma, sigma_prev = levels[t], levels[t - 1]
         if sigma_prev != sigma:  # a zero-length step is the identity: no evaluation needed
-            eps_src = model(x_src, sigmas_dev[t], BRANCH_SOURCE, t)
+            if pinned_only:
+                eps_src = model(x_src, sigmas_dev[t], BRANCH_SOURCE, t, guided=False)
+            else:
+                eps_src = model(x_src, sigmas_dev[t], BRANCH_SOURCE, t)
             eps_tgt = model(x_tgt, sigmas_dev[t], BRANCH_TARGET, t)
             src_next = ddim_step(x_src, eps_src, sigma, sigma_prev)
             tgt_next = ddim_step(x_tgt, eps_tgt, sigma, sigma_prev)
             denoised = eps_to_x0(x_tgt, eps_tgt, sigma) if callback is not None else None  # previews only
         else:
             src_next, tgt_next, denoised = x_src, x_tgt, x_tgt
-        offset = z_star[t - 1] - src_next
-        offset_rows[n] = offset
-        x_src = src_next if offsets == "off" else src_next + offset
-        x_tgt = tgt_next + offset if offsets == "both" else tgt_next
+        if pinned_only:
+            offset, x_src, x_tgt = None, z_star[t - 1], tgt_next
+        else:
+            offset = z_star[t - 1] - src_next
+            offset_rows[n] = offset
+            x_src = src_next if offsets == "off" else src_next + offset
+            x_tgt = tgt_next + offset if offsets == "both" else tgt_next
+        if controller is not None:
+            x_tgt = controller.after_step(n, x_src, x_tgt)
         if callback is not None:
             callback({"phase": "sample", "i": n, "steps": steps, "sigma": sigma_prev, "x_source": x_src, "x_target": x_tgt,
                       "denoised": denoised, "offset": offset})

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .schedule import alpha_bar
-from .types import BRANCH_SOURCE, BRANCH_TARGET, Denoiser, StepCallback, check_finite
+from .types import BRANCH_SOURCE, BRANCH_TARGET, Denoiser, EditController, StepCallback, check_finite
 
 __all__ = ["EdictOptions", "edict_levels", "invert_edict", "sample_edict"]
 
@@ -115,11 +115,14 @@ class EdictResult:
 @torch.no_grad()
 def sample_edict(model: Denoiser, x_top: torch.Tensor, y_top: torch.Tensor, sigmas: torch.Tensor,
                  options: Optional[EdictOptions] = None, callback: Optional[StepCallback] = None,
-                 dtype: torch.dtype = torch.float64) -> EdictResult:
+                 dtype: torch.dtype = torch.float64, controller: Optional[EditController] = None) -> EdictResult:
     """Regenerate from an EDICT pair along a source branch (exact reconstruction) and a target branch (the edit).
 
     ``sigmas`` are the ascending levels 0 .. top of the inverted pair (``x_top``, ``y_top`` at level top);
-    ``dtype`` is the bookkeeping precision.
+    ``dtype`` is the bookkeeping precision. Each of a step's two updates is made for the source, then for the
+    target (the branches are independent, so the order only matters to an editor, which carries the source's
+    attention over to the target's prediction of the same update); a ``controller``'s ``after_step`` then acts
+    on both latents of the target's pair, against the source's.
     """
     options = options or EdictOptions()
     p = options.mix
@@ -130,13 +133,17 @@ def sample_edict(model: Denoiser, x_top: torch.Tensor, y_top: torch.Tensor, sigm
     for n, t in enumerate(range(top, 0, -1)):
         a, b = _coefficients(levels[t], levels[t - 1])
         first, second = _order(n, options.leapfrog)
-        for branch, pair in pairs.items():
-            for i, j in ((first, second), (second, first)):
+        for i, j in ((first, second), (second, first)):
+            for branch, pair in pairs.items():
                 eps = _eps(model, pair[j], sigmas_dev[t], branch, t, dtype) if b != 0.0 else 0.0
                 pair[i] = a * pair[i] + b * eps
+        for pair in pairs.values():
             x_mixed = p * pair[0] + (1.0 - p) * pair[1]
             pair[1] = (1.0 - p) * x_mixed + p * pair[1]
             pair[0] = x_mixed
+        if controller is not None:
+            src, tgt = pairs[BRANCH_SOURCE], pairs[BRANCH_TARGET]
+            pairs[BRANCH_TARGET] = [controller.after_step(n, src[k], tgt[k]) for k in range(2)]
         if callback is not None:
             callback({"phase": "sample", "i": n, "steps": top, "denoised": pairs[BRANCH_TARGET][0], "x_source": pairs[BRANCH_SOURCE][0],
                       "x_target": pairs[BRANCH_TARGET][0]})

@@ -26,7 +26,7 @@ from .direct import sample_direct_inversion
 from .edict import EdictOptions, edict_levels, invert_edict, sample_edict
 from .guidance import PROXIMAL_MODES
 from .null_text import NullTextOptions, optimize_null_text
-from .types import Denoiser, DirectInversionResult, Inversion, StepCallback
+from .types import Denoiser, DirectInversionResult, EditController, Inversion, StepCallback
 
 __all__ = ["METHODS", "DdimOptions", "NegativePromptOptions", "edit", "edit_guidance", "invert", "inversion_guidance",
            "method_options"]
@@ -89,17 +89,20 @@ def edit_guidance(inversion: Inversion, cfg: float) -> float:
 
 @torch.no_grad()
 def edit(model: Denoiser, inversion: Inversion, offsets: str = "source", x_target: Optional[torch.Tensor] = None,
-         callback: Optional[StepCallback] = None) -> DirectInversionResult:
-    """Sample the source and target branches from an inversion, as its method prescribes."""
+         callback: Optional[StepCallback] = None, controller: Optional[EditController] = None) -> DirectInversionResult:
+    """Sample the source and target branches from an inversion, as its method prescribes (``controller``: an
+    editor's per-run state, see :class:`EditController`)."""
     if inversion.method == "edict":
         if x_target is not None:
             raise ValueError("EDICT edits start from the inverted pair; a target start latent cannot be used.")
         options = method_options("edict", inversion.options)
         result = sample_edict(model, inversion.z_star[-1], inversion.extras["y_star"][-1], inversion.sigmas,
-                              options, callback)
-        return DirectInversionResult(edited=result.edited, source=result.source, offsets=None)
-    return sample_direct_inversion(model, inversion.z_star, inversion.sigmas, x_target=x_target, offsets=offsets,
-                                   callback=callback)
+                              options, callback, controller=controller)
+        return DirectInversionResult(edited=result.edited, source=result.source, offsets=None, editor_state=controller)
+    result = sample_direct_inversion(model, inversion.z_star, inversion.sigmas, x_target=x_target, offsets=offsets,
+                                     callback=callback, controller=controller)
+    result.editor_state = controller
+    return result
 
 
 def inversion_guidance(method: str, options, cfg: float) -> float:

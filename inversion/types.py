@@ -16,6 +16,7 @@ __all__ = [
     "OFFSET_MODES",
     "Denoiser",
     "DirectInversionResult",
+    "EditController",
     "Inversion",
     "NullTextModel",
     "OffsetTrajectory",
@@ -42,10 +43,24 @@ class Denoiser(Protocol):
     one of :data:`BRANCH_SOURCE` / :data:`BRANCH_TARGET`, ``level`` the index of ``sigma`` in the trajectory's
     sigmas (adapters use it for per-level conditioning such as null-text embeddings). The adapter picks the
     branch's conditioning, applies classifier-free guidance with its negative conditioning and returns eps
-    with z's shape and dtype.
+    with z's shape and dtype. ``guided=False`` asks for the conditional prediction alone (no unconditional
+    evaluation); only samplers whose result does not depend on it ask (see ``sample_direct_inversion``).
     """
 
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int) -> torch.Tensor: ...
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int,
+                 guided: bool = True) -> torch.Tensor: ...
+
+
+class EditController(Protocol):
+    """What the samplers need from an editor's per-run state (the attention side is the adapters' business).
+
+    ``source_guided``: whether the source branch's prediction must be guided even when offsets pin it to the
+    inversion; ``after_step(n, x_source, x_target)`` returns the target latent after sampling step n (0 = first).
+    """
+
+    source_guided: bool
+
+    def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor: ...
 
 
 class NullTextModel(Protocol):
@@ -127,12 +142,15 @@ class DirectInversionResult:
         edited: ``[B, C, H, W]`` the target branch's final latent.
         source: ``[B, C, H, W]`` the source branch's final latent (the reconstruction).
         offsets: ``[steps, B, C, H, W]`` o_t = z*_{t-1} - step(z*_t), in sampling order (first row: the step
-            from z*_T); recorded in every offset mode, applied as the mode says; ``None`` for EDICT.
+            from z*_T); recorded in every offset mode, applied as the mode says; ``None`` for EDICT and when an
+            editor ran with offsets on the source only (the source's unconditional half is then not evaluated).
+        editor_state: the editor's per-run controller, if an editor ran (attention maps, records).
     """
 
     edited: torch.Tensor
     source: torch.Tensor
     offsets: Optional[torch.Tensor]
+    editor_state: Any = None
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""What an editor sees of a UNet's attention, and the attention arithmetic editors share (plain PyTorch).
+
+An adapter describes the UNet's attention layers once (:class:`AttentionLayer`: where the layer sits, at which
+downsampling factor, whether it is self- or cross-attention) and then, at every attention call the editor asked
+for, hands the editor's controller the projected queries, keys and values with an :class:`AttentionCall` saying
+which branch and trajectory level the call belongs to and what each chunk of the batch is. The controller returns
+the attention output (before the output projection); it calls ``attend`` (the backend's own, optimised attention)
+wherever it does not need the probabilities.
+
+Batch layout: a call's batch is ``len(chunks)`` chunks of equal size, in the order of ``chunks``; chunk roles are
+``"cond"`` (the branch's prompt) and ``"uncond"`` (the negative / null prompt).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Hashable, Optional, Sequence
+
+import torch
+
+__all__ = ["AttentionCall", "AttentionLayer", "Attend", "EditController", "attention_probs", "attend_probs",
+           "chunk_rows", "layer_orders"]
+
+PLACES = ("down", "mid", "up")
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention layer of a UNet.
+
+    Attributes:
+        key: the adapter's identifier of the layer (unique within the UNet).
+        place: ``"down"``, ``"mid"`` or ``"up"``.
+        factor: downsampling factor of its queries relative to the latent (1, 2, 4, 8).
+        cross: True for cross-attention (keys from the prompt), False for self-attention.
+        order: position among the UNet's layers of the same kind (self or cross), in forward order.
+    """
+
+    key: Hashable
+    place: str
+    factor: int
+    cross: bool
+    order: int
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call: the layer, the branch and level of the prediction, and the batch's chunk roles."""
+
+    layer: AttentionLayer
+    heads: int
+    branch: str
+    level: int
+    chunks: tuple
+
+
+def layer_orders(layers: Sequence[tuple]) -> list[AttentionLayer]:
+    """AttentionLayers from ``(key, place, factor, cross)`` tuples in forward order (orders counted per kind)."""
+    counts = {True: 0, False: 0}
+    out = []
+    for key, place, factor, cross in layers:
+        if place not in PLACES:
+            raise ValueError(f"unknown UNet place {place!r}")
+        out.append(AttentionLayer(key=key, place=place, factor=int(factor), cross=bool(cross), order=counts[bool(cross)]))
+        counts[bool(cross)] += 1
+    return out
+
+
+def chunk_rows(chunks: Sequence[str], batch: int, role: str) -> list[slice]:
+    """Row slices of the chunks with ``role`` in a batch of ``batch`` rows."""
+    if batch % len(chunks):
+        raise ValueError(f"a batch of {batch} rows does not split into {len(chunks)} chunks")
+    size = batch // len(chunks)
+    return [slice(i * size, (i + 1) * size) for i, c in enumerate(chunks) if c == role]
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head, in float32: ``[batch, heads, queries, keys]``."""
+    qh, kh = _heads(q.float(), heads), _heads(k.float(), heads)
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+
+
+def attend_probs(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention output of probabilities ``[b, h, n, m]`` over values ``[b, m, h*d]``: ``[b, n, h*d]`` in v's dtype."""
+    b, h, n, _ = probs.shape
+    vh = _heads(v.float(), h)
+    return (probs @ vh).transpose(1, 2).reshape(b, n, -1).to(v.dtype)
+
+
+class EditController:
+    """Per-run state of an editor. Subclasses override what they need.
+
+    ``wants(call)`` tells the adapter whether the controller needs to see a call at all (elsewhere the backend's
+    attention runs untouched); ``attention`` computes a call's output; ``after_step`` may change the target latent
+    after each sampling step (local blend); ``source_guided`` says whether the source branch needs its guided
+    prediction (False: its conditional half alone, when offsets pin the source to the inversion anyway).
+    """
+
+    source_guided: bool = False
+
+    def wants(self, call: AttentionCall) -> bool:
+        return False
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                  attend: Attend) -> torch.Tensor:
+        return attend(q, k, v)
+
+    def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
+        return x_target
+
+    def finish(self) -> None:
+        """Called once sampling has ended (normally or not): drop cached tensors."""
+
+
+def optional_tensor(x: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    return None if x is None else x.to(device)

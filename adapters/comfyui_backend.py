@@ -29,6 +29,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..editors.attention import AttentionCall, layer_orders
 from ..inversion import (
     BRANCH_SOURCE,
     BRANCH_TARGET,
@@ -45,8 +46,8 @@ from ..inversion import (
     proximal_delta,
 )
 
-__all__ = ["BRANCH_OPTION", "LEVEL_OPTION", "DirectInversionOutput", "InvertOutput", "direct_inversion", "invert",
-           "model_family", "model_fingerprint"]
+__all__ = ["BRANCH_OPTION", "LEVEL_OPTION", "DirectInversionOutput", "InvertOutput", "attention_layers",
+           "direct_inversion", "install_editor", "invert", "model_family", "model_fingerprint"]
 
 log = logging.getLogger("DirectInversion")
 
@@ -194,9 +195,88 @@ class ComfyDenoiser:
                                LEVEL_OPTION: level}
         return {**self.model_options, "transformer_options": transformer_options}
 
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int) -> torch.Tensor:
-        return _eps_via_denoised(lambda x, sigmas: self.guider(x, sigmas, model_options=self.options(branch, level),
-                                                               seed=self.seed), z, sigma)
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int,
+                 guided: bool = True) -> torch.Tensor:
+        options = self.options(branch, level)
+        if guided:
+            return _eps_via_denoised(lambda x, sigmas: self.guider(x, sigmas, model_options=options, seed=self.seed),
+                                     z, sigma)
+        conds = self.guider.cond(branch)
+        return _eps_via_denoised(
+            lambda x, sigmas: comfy.samplers.calc_cond_batch(self.guider.inner_model, [conds], x, sigmas, options)[0],
+            z, sigma)
+
+
+def attention_layers(model) -> dict:
+    """The UNet's attention layers in forward order, keyed ``(attn1|attn2, block, id, transformer_index)``, located
+    by place (down / mid / up) and downsampling factor, read from the model's structure (SD1.x, SD2.x, SDXL)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    unet = model.model.diffusion_model
+    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        raise ValueError(f"Editors need a UNet (SD1.x, SD2.x, SDXL); this model's diffusion model is "
+                         f"{type(unet).__name__}.")
+    entries, factor = [], 1
+
+    def add(block, place, modules):
+        for module in modules:
+            if isinstance(module, SpatialTransformer):
+                for j, tb in enumerate(module.transformer_blocks):
+                    entries.append((("attn1",) + block + (j,), place, factor, False))
+                    if getattr(tb, "attn2", None) is not None:
+                        entries.append((("attn2",) + block + (j,), place, factor, True))
+
+    for i, block in enumerate(unet.input_blocks):
+        add(("input", i), "down", block)
+        if any(isinstance(m, Downsample) for m in block):
+            factor *= 2
+    add(("middle", 0), "mid", unet.middle_block)
+    for i, block in enumerate(unet.output_blocks):
+        add(("output", i), "up", block)
+        if any(isinstance(m, Upsample) for m in block):
+            factor //= 2
+    return {layer.key: layer for layer in layer_orders(entries)}
+
+
+def _attention_patch(layer, controller, previous: Optional[Callable]):
+    """An attn1/attn2 replace patch: hands our sampler's calls to the editor's controller, the rest to ComfyUI's
+    attention (or to the patch that was there before)."""
+    import comfy.ldm.modules.attention as attention
+
+    def patch(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+
+        def attend(q, k, v):
+            if previous is not None:
+                return previous(q, k, v, extra_options)
+            return attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+
+        branch, level = extra_options.get(BRANCH_OPTION), extra_options.get(LEVEL_OPTION)
+        if branch is None or level is None:
+            return attend(q, k, v)
+        chunks = tuple("uncond" if c == 1 else "cond" for c in extra_options.get("cond_or_uncond", [0]))
+        call = AttentionCall(layer=layer, heads=heads, branch=branch, level=level, chunks=chunks)
+        if not controller.wants(call):
+            return attend(q, k, v)
+        return controller.attention(q, k, v, call, attend)
+
+    return patch
+
+
+def install_editor(model, editor, steps: int, latent_shape):
+    """Start ``editor`` for a run and patch its attention hooks into ``model`` (a clone owned by the run) through
+    ComfyUI's attn1/attn2 replace patch points. Returns the editor's controller."""
+    layers = attention_layers(model)
+    controller = editor.start(list(layers.values()), steps, latent_shape)
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {})
+    for key, layer in layers.items():
+        name, block = key[0], key[1:]
+        previous = replaced.get(name, {}).get(block)
+        if previous is not None:
+            log.info("[DirectInversion] the editor runs before an existing %s patch at %s.", name, block)
+        model.set_model_patch_replace(_attention_patch(layer, controller, previous), name, block[0], block[1], block[2])
+    return controller
 
 
 class ComfyNullText:
@@ -265,10 +345,13 @@ class _Progress:
 
 
 def _run(model, branches: dict, negative, cfg: float, primary: str, sigmas: torch.Tensor, shape, run,
-         latent_image: Optional[torch.Tensor] = None, level_contexts=None, proximal=("none", 0.75)) -> torch.Tensor:
+         latent_image: Optional[torch.Tensor] = None, level_contexts=None, proximal=("none", 0.75),
+         prepare: Optional[Callable] = None) -> torch.Tensor:
     for name, conditioning in [*branches.items(), ("negative", negative)]:
         _check_conditioning(model, name, conditioning)
-    model = model.clone()  # per-run options never reach the caller's ModelPatcher
+    model = model.clone()  # per-run options and patches never reach the caller's ModelPatcher
+    if prepare is not None:
+        prepare(model)
     if proximal[0] != "none":
         if "sampler_cfg_function" in model.model_options:
             log.warning("[DirectInversion] proximal guidance replaces the model's sampler CFG function for this edit.")
@@ -334,13 +417,16 @@ class DirectInversionOutput:
     edited: torch.Tensor  # LATENT samples
     source: torch.Tensor  # LATENT samples
     offsets: OffsetTrajectory  # model latent space
+    editor_state: object = None  # the editor's controller (attention maps), if an editor ran
 
 
 def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float = 7.5, offsets: str = "source",
-                     target_start: Optional[torch.Tensor] = None) -> DirectInversionOutput:
+                     target_start: Optional[torch.Tensor] = None, editor=None) -> DirectInversionOutput:
     """Edit an inversion with a ComfyUI model: the source branch follows it, the target branch is the edit.
 
     ``target_start`` is an optional LATENT in the scaling of Invert's z_T output to start the target from.
+    ``editor`` (e.g. ``editors.P2PEditor``) acts through attention patches on this run's model clone; its per-run
+    state is returned as ``editor_state``.
     """
     inversion.check_model(model_family(model))
     sigmas, _ = schedule(model, len(inversion.timesteps))
@@ -370,21 +456,31 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
     batch = inversion.latent_shape[0]
     held = {}
 
+    def prepare(clone):
+        if editor is not None:
+            held["controller"] = install_editor(clone, editor, inversion.steps, inversion.latent_shape)
+
     def run(denoiser, latent_image):
         device = latent_image.device
-        result = edit(denoiser, _on_device(inversion, device), offsets=offsets,
-                      x_target=None if x_target is None else x_target.to(device),
-                      callback=_Progress(model, inversion.steps))
+        controller = held.get("controller")
+        try:
+            result = edit(denoiser, _on_device(inversion, device), offsets=offsets,
+                          x_target=None if x_target is None else x_target.to(device),
+                          callback=_Progress(model, inversion.steps), controller=controller)
+        finally:
+            if controller is not None:
+                controller.finish()
         held["offsets"] = None if result.offsets is None else result.offsets.to(comfy.model_management.intermediate_device())
         return torch.cat([result.edited, result.source]).float()
 
     samples = _run(model, {BRANCH_SOURCE: inversion.conditioning, BRANCH_TARGET: positive}, negative, guidance,
                    BRANCH_TARGET, inversion.sigmas, inversion.latent_shape, run, level_contexts=level_contexts,
-                   proximal=proximal)
+                   proximal=proximal, prepare=prepare)
     edited, source = samples.split(batch)
     trajectory = OffsetTrajectory(offsets=held["offsets"], sigmas=inversion.sigmas.flip(0),
                                   mode="off" if inversion.method == "edict" else offsets)
-    return DirectInversionOutput(edited=edited, source=source, offsets=trajectory)
+    return DirectInversionOutput(edited=edited, source=source, offsets=trajectory,
+                                 editor_state=held.get("controller"))
 
 
 def _on_device(inversion: Inversion, device) -> Inversion:

@@ -10,7 +10,7 @@ vae.config.scaling_factor``. Prompts are embeddings (``pipe.encode_prompt``'s ou
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -30,10 +30,12 @@ from ..inversion import (
     method_options,
     proximal_delta,
 )
+from ..editors.attention import AttentionCall, layer_orders
 from ..inversion import edit as core_edit
 from ..inversion import invert as core_invert
 
-__all__ = ["DiffusersDenoiser", "DiffusersNullText", "edit", "invert", "model_family", "train_sigmas"]
+__all__ = ["DiffusersDenoiser", "DiffusersNullText", "attention_layers", "edit", "editor_installed", "invert",
+           "model_family", "train_sigmas"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -73,6 +75,94 @@ class _UNet:
         return out
 
 
+class _CallState:
+    """Branch, level and batch layout of the UNet call in progress, read by the editor's attention processors."""
+
+    def __init__(self, controller):
+        self.controller = controller
+        self.branch, self.level, self.chunks = None, None, ("cond",)
+
+
+def _layer_sort_key(name: str) -> tuple:
+    parts = name.split(".")
+    place = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[parts[0]]
+    numbers = tuple(int(p) for p in parts if p.isdigit())
+    return (place,) + numbers + (parts[-2],)
+
+
+def attention_layers(unet) -> dict:
+    """The UNet's attention layers by processor name, in forward order, located by resolution and place."""
+    names = sorted(unet.attn_processors, key=_layer_sort_key)
+    levels = len(unet.down_blocks)
+    entries = []
+    for name in names:
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            place, factor = "down", 2 ** int(parts[1])
+        elif parts[0] == "mid_block":
+            place, factor = "mid", 2 ** (levels - 1)
+        else:
+            place, factor = "up", 2 ** (len(unet.up_blocks) - 1 - int(parts[1]))
+        entries.append((name, place, factor, parts[-2] == "attn2"))
+    return {layer.key: layer for layer in layer_orders(entries)}
+
+
+class _EditorProcessor:
+    """An attention processor that hands q, k, v to the editor's controller (diffusers' AttnProcessor2_0 otherwise)."""
+
+    def __init__(self, layer, state: _CallState):
+        self.layer = layer
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None \
+                or getattr(attn, "norm_q", None) is not None:
+            raise NotImplementedError("Editors support the plain attention of UNet2DConditionModel transformer blocks.")
+        residual = hidden_states
+        shape = hidden_states.shape
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        heads = attn.heads
+
+        def attend(q, k, v):
+            b = q.shape[0]
+            split = lambda t: t.reshape(b, t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+            out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+            return out.transpose(1, 2).reshape(b, q.shape[1], -1)
+
+        state = self.state
+        call = AttentionCall(layer=self.layer, heads=heads, branch=state.branch, level=state.level, chunks=state.chunks)
+        if state.controller.wants(call):
+            out = state.controller.attention(q, k, v, call, attend)
+        else:
+            out = attend(q, k, v)
+        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
+        if len(shape) == 4:
+            out = out.transpose(1, 2).reshape(shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def editor_installed(unet, editor, steps: int, latent_shape):
+    """Attention processors of ``editor`` on ``unet`` for one run; the UNet's own processors come back after it,
+    also after an error. Yields the call state (its ``controller`` is the editor's per-run state)."""
+    original = unet.attn_processors
+    layers = attention_layers(unet)
+    state = _CallState(editor.start(list(layers.values()), steps, latent_shape))
+    unet.set_attn_processor({name: _EditorProcessor(layer, state) for name, layer in layers.items()})
+    try:
+        yield state
+    finally:
+        unet.set_attn_processor(original)
+        state.controller.finish()
+
+
 class DiffusersDenoiser(_UNet):
     """Guided eps prediction of a diffusers UNet for named conditioning branches.
 
@@ -96,12 +186,21 @@ class DiffusersDenoiser(_UNet):
         self.cfg = cfg
         self.proximal = proximal
 
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int) -> torch.Tensor:
+    call_state: Optional[_CallState] = None  # set while an editor is installed
+
+    def _calling(self, branch: str, level: int, chunks: tuple) -> None:
+        if self.call_state is not None:
+            self.call_state.branch, self.call_state.level, self.call_state.chunks = branch, level, chunks
+
+    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int,
+                 guided: bool = True) -> torch.Tensor:
         cond = _to_batch(self.branches[branch], z.shape[0], z.device)
-        if self.cfg == 1.0:
+        if self.cfg == 1.0 or not guided:
+            self._calling(branch, level, ("cond",))
             return self.eps(z, sigma, cond)
         negative = self.negative if self.negative_at is None else self.negative_at(level)
         uncond = _to_batch(negative, z.shape[0], z.device)
+        self._calling(branch, level, ("uncond", "cond"))
         eps_uncond, eps_cond = self.eps(torch.cat([z, z]), sigma, torch.cat([uncond, cond])).chunk(2)
         return eps_uncond + self.cfg * proximal_delta(eps_cond - eps_uncond, *self.proximal)
 
@@ -154,8 +253,12 @@ def invert(unet, scheduler, latent: torch.Tensor, prompt_embeds: torch.Tensor,
 
 def edit(unet, scheduler, inversion: Inversion, target_embeds: torch.Tensor, negative_embeds: Optional[torch.Tensor],
          cfg: float = 7.5, offsets: str = "source", x_target: Optional[torch.Tensor] = None,
-         callback: Optional[StepCallback] = None) -> DirectInversionResult:
-    """Edit an inversion: the source branch follows it, the target branch is the edit (see ``inversion.methods``)."""
+         callback: Optional[StepCallback] = None, editor=None) -> DirectInversionResult:
+    """Edit an inversion: the source branch follows it, the target branch is the edit (see ``inversion.methods``).
+
+    ``editor`` (e.g. ``editors.P2PEditor``) acts through attention processors installed for this call only; its
+    per-run state comes back as the result's ``editor_state``.
+    """
     inversion.check_model(model_family(unet, scheduler))
     if x_target is not None:
         inversion.check_latent(x_target, "target start latent")
@@ -170,7 +273,12 @@ def edit(unet, scheduler, inversion: Inversion, target_embeds: torch.Tensor, neg
         negative_at = lambda level: table[inversion.steps - level]  # noqa: E731
     denoiser = DiffusersDenoiser(unet, scheduler, branches, negative_embeds, edit_guidance(inversion, cfg),
                                  negative_at=negative_at, proximal=proximal)
-    return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback)
+    if editor is None:
+        return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback)
+    with editor_installed(unet, editor, inversion.steps, inversion.latent_shape) as state:
+        denoiser.call_state = state
+        return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback,
+                         controller=state.controller)
 
 
 def _interpolate(source: torch.Tensor, null: Optional[torch.Tensor], weight: float) -> torch.Tensor:

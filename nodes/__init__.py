@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .inversion_nodes import NODES
+from .editor_nodes import NODES as EDITOR_NODES
+from .inversion_nodes import NODES as INVERSION_NODES
 
 
 class DirectInversionExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        return [*INVERSION_NODES, *EDITOR_NODES]
 
 
 async def comfy_entrypoint() -> DirectInversionExtension:

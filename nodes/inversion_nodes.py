@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..adapters import comfyui_backend as backend
 from ..inversion import METHODS, OFFSET_MODES, PROXIMAL_MODES, Inversion
 from ..inversion.storage import load_inversion, save_inversion
+from .editor_nodes import EDITOR, maps_image
 
 log = logging.getLogger("DirectInversion")
 
@@ -158,20 +159,28 @@ class DirectInversionSampler(io.ComfyNode):
                 io.Latent.Input("target_start", optional=True,
                                 tooltip="Optional start of the target branch in the scaling of Invert's z_T output "
                                         "(default: z_T itself)."),
+                EDITOR.Input("editor", optional=True,
+                             tooltip="An attention editor (P2P Editor) acting on the target branch; its target "
+                                     "conditioning goes to the target input."),
             ],
             outputs=[
                 io.Latent.Output("edited", tooltip="The target branch: the edited image's latent."),
                 io.Latent.Output("source_reconstruction", tooltip="The source branch: equals the source latent with offsets on."),
-                DI_OFFSETS.Output("step_offsets", tooltip="Per-step offsets o_t (model latent space) with their sigmas."),
+                DI_OFFSETS.Output("step_offsets", tooltip="Per-step offsets o_t (model latent space) with their sigmas; "
+                                                          "empty (None) when an editor runs with offsets=source, which "
+                                                          "skips the source's unconditional prediction."),
+                io.Image.Output("attention_maps", tooltip="The editor's cross-attention maps per word of the target "
+                                                          "prompt (averaged over the steps), what local blend and "
+                                                          "reweight act on."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, inversion, target, negative, cfg, offsets, target_start=None) -> io.NodeOutput:
+    def execute(cls, model, inversion, target, negative, cfg, offsets, target_start=None, editor=None) -> io.NodeOutput:
         start = None if target_start is None else _samples(target_start, "target_start")
         out = backend.direct_inversion(model, inversion, target, negative, cfg=cfg, offsets=offsets,
-                                       target_start=start)
-        return io.NodeOutput({"samples": out.edited}, {"samples": out.source}, out.offsets)
+                                       target_start=start, editor=editor)
+        return io.NodeOutput({"samples": out.edited}, {"samples": out.source}, out.offsets, maps_image(out.editor_state))
 
 
 def _inversions_dir() -> str:

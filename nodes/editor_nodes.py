@@ -1,0 +1,134 @@
+"""Editor nodes (P2P Editor) and the attention-map view: translation between ComfyUI types and ``editors``."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..adapters.comfyui_prompts import tokenized_prompt
+from ..editors import P2P_MODES, prompt_to_prompt
+
+CATEGORY = "inversion/editors"
+EDITOR = io.Custom("EDITOR")
+
+
+def parse_words(text: str) -> list[str]:
+    """Comma-separated words or phrases (a phrase is space-separated words of the prompt)."""
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def parse_reweight(words: str, values: str) -> list[tuple[str, float]]:
+    names = parse_words(words)
+    numbers = [v.strip() for v in values.split(",") if v.strip()]
+    if len(names) != len(numbers):
+        raise ValueError(f"reweight needs one value per word: {len(names)} word(s) ({', '.join(names) or 'none'}) "
+                         f"and {len(numbers)} value(s).")
+    try:
+        return [(name, float(v)) for name, v in zip(names, numbers)]
+    except ValueError:
+        raise ValueError(f"reweight values must be numbers separated by commas, got {values!r}") from None
+
+
+class P2PEditorNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DirectInversion_P2PEditor",
+            display_name="P2P Editor",
+            category=CATEGORY,
+            description=(
+                "Prompt-to-Prompt (Hertz et al.) for the Direct Inversion Sampler's editor input. Encodes the source "
+                "prompt (for Invert) and the target prompt (for the sampler) with the CLIP given and aligns their "
+                "words. replace: a word swap (same number of words), the target takes the source's cross-attention "
+                "maps through the word mapping; refine: words added or changed freely, maps carried over along a "
+                "global token alignment; auto: replace when the word counts agree, otherwise refine. reweight scales "
+                "the attention of target words (same prompt twice = reweight alone). Local blend keeps everything "
+                "outside the blend words' attention (or the mask) from the source branch. Defaults: PIE-Bench runs of "
+                "the PnP Inversion code (cross 0.4, self 0.6, blend threshold 0.3 from 0.2 of the steps)."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The model's text encoder; its tokenizer aligns the prompts' words."),
+                io.String.Input("source_prompt", multiline=True, default="a cat sitting on a bench",
+                                tooltip="What the image shows."),
+                io.String.Input("target_prompt", multiline=True, default="a dog sitting on a bench",
+                                tooltip="What it should show."),
+                io.Combo.Input("mode", options=list(P2P_MODES), default="auto",
+                               tooltip="auto: replace when the prompts have the same number of words, else refine."),
+                io.Float.Input("cross_replace_steps", default=0.4, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps whose cross-attention maps come from the source "
+                                       "(PIE-Bench 0.4, the P2P examples 0.8)."),
+                io.Float.Input("self_replace_steps", default=0.6, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps whose self-attention (layers of at most 32x32 queries) "
+                                       "comes from the source."),
+                io.String.Input("reweight_words", default="", tooltip="Comma-separated words of the target prompt to reweight."),
+                io.String.Input("reweight_values", default="", tooltip="Comma-separated scales, one per reweight word "
+                                                                        "(e.g. 2 strengthens, 0 removes)."),
+                io.String.Input("blend_source_words", default="",
+                                tooltip="Local blend: comma-separated words of the source prompt whose region may change."),
+                io.String.Input("blend_target_words", default="",
+                                tooltip="Local blend: comma-separated words of the target prompt whose region may change."),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.05,
+                               tooltip="Local blend's threshold on the normalised attention maps."),
+                io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.05,
+                               tooltip="Local blend acts from this fraction of the steps on."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Local blend with your own region (1: may change) instead of blend words."),
+            ],
+            outputs=[
+                EDITOR.Output("editor", tooltip="For the Direct Inversion Sampler's editor input."),
+                io.Conditioning.Output("source", tooltip="The encoded source prompt (for Invert)."),
+                io.Conditioning.Output("target", tooltip="The encoded target prompt (for the sampler)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, source_prompt, target_prompt, mode, cross_replace_steps, self_replace_steps,
+                reweight_words, reweight_values, blend_source_words, blend_target_words, blend_threshold, blend_start,
+                mask=None) -> io.NodeOutput:
+        if clip is None:
+            raise RuntimeError("The clip input is invalid: the checkpoint has no text encoder.")
+        source = tokenized_prompt(clip, source_prompt, "source")
+        target = tokenized_prompt(clip, target_prompt, "target")
+        editor = prompt_to_prompt(
+            source.prompt, target.prompt, mode=mode, cross_replace_steps=cross_replace_steps,
+            self_replace_steps=self_replace_steps, reweight=parse_reweight(reweight_words, reweight_values),
+            blend_source_words=parse_words(blend_source_words), blend_target_words=parse_words(blend_target_words),
+            blend_threshold=blend_threshold, blend_start=blend_start, mask=mask, max_tokens=source.window)
+        return io.NodeOutput(editor, source.encode(clip), target.encode(clip))
+
+
+def maps_image(controller, tile: int = 128) -> torch.Tensor:
+    """IMAGE ``[B, H, W, 3]``: per image of the batch, a labelled grid of the target prompt's per-word attention maps
+    (averaged over steps and map layers, each normalised to its maximum); a placeholder if there are none."""
+    from PIL import Image, ImageDraw
+
+    words = [] if controller is None or not hasattr(controller, "word_maps") else controller.word_maps("target")
+    if not words:
+        image = Image.new("RGB", (tile * 2, tile // 2), (32, 32, 32))
+        ImageDraw.Draw(image).text((6, tile // 5), "no attention maps: connect a P2P Editor", fill=(200, 200, 200))
+        return torch.from_numpy(_pixels(image))[None]
+    batch = words[0][1].shape[0]
+    columns = min(len(words), 8)
+    rows = -(-len(words) // columns)
+    label = 18
+    out = []
+    for b in range(batch):
+        grid = Image.new("RGB", (columns * tile, rows * (tile + label)), (0, 0, 0))
+        draw = ImageDraw.Draw(grid)
+        for n, (word, maps) in enumerate(words):
+            m = maps[b].float()
+            m = (m / m.max().clamp_min(1e-12) * 255).clamp(0, 255).to(torch.uint8).cpu().numpy()
+            cell = Image.fromarray(m, mode="L").resize((tile, tile), Image.NEAREST).convert("RGB")
+            x, y = (n % columns) * tile, (n // columns) * (tile + label)
+            grid.paste(cell, (x, y))
+            draw.text((x + 4, y + tile + 3), word[:18], fill=(255, 255, 255))
+        out.append(torch.from_numpy(_pixels(grid)))
+    return torch.stack(out)
+
+
+def _pixels(image):
+    import numpy as np
+
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+NODES = [P2PEditorNode]

@@ -211,3 +211,37 @@ def sdxl_conditioning(seed: int) -> list:
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, TOKENS, CONTEXT_DIM, generator=g),
              {"pooled_output": torch.randn(1, SDXL_POOLED_DIM, generator=g)}]]
+
+
+def tiny_comfy_clip(seed: int = 0, width: int = CONTEXT_DIM):
+    """A ComfyUI CLIP with SD1.x's real tokenizer (shipped with ComfyUI) and a one-layer text model of width
+    ``width`` (the tiny UNets' context dim) with random weights; its output has 77 tokens, like CLIP-L's."""
+    import comfy.sd
+    import comfy.sd1_clip
+
+    config = {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2, "num_hidden_layers": 1,
+              "projection_dim": width, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+              "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1,
+              "initializer_range": 0.02, "initializer_factor": 1.0, "model_type": "clip_text_model"}
+
+    class Target:
+        params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": config}
+        clip = comfy.sd1_clip.SD1ClipModel
+        tokenizer = comfy.sd1_clip.SD1Tokenizer
+
+    clip = comfy.sd.CLIP(target=Target(), model_options={"dtype": torch.float32})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in clip.cond_stage_model.modules():
+            norm = isinstance(module, torch.nn.LayerNorm)
+            for name, p in module.named_parameters(recurse=False):
+                if name == "logit_scale":
+                    continue
+                if norm:
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif p.ndim > 1:  # embeddings unit-scaled, linear layers fan-in scaled
+                    scale = 1.0 if isinstance(module, torch.nn.Embedding) else p.shape[1] ** -0.5
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+                else:
+                    p.zero_()
+    return clip

@@ -46,6 +46,21 @@ class TinySD15:
         return (model, T.tiny_comfy_vae(), *conds)
 
 
+class TinyClip:
+    """Test-only node: a CLIP with SD1.x's real tokenizer and a tiny random text model (the tiny UNet's width)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self):
+        return (T.tiny_comfy_clip(),)
+
+
 class NaNLatent:
     """Test-only node: a LATENT with a NaN in it."""
 
@@ -70,7 +85,8 @@ def comfy_env(comfyui_path, tmp_path_factory):
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     assert asyncio.run(nodes.load_custom_node(str(T.ROOT))), "ComfyUI failed to load the pack"
-    nodes.NODE_CLASS_MAPPINGS.update({"DITest_TinySD15": TinySD15, "DITest_NaNLatent": NaNLatent})
+    nodes.NODE_CLASS_MAPPINGS.update({"DITest_TinySD15": TinySD15, "DITest_NaNLatent": NaNLatent,
+                                      "DITest_TinyClip": TinyClip})
 
     input_dir = tmp_path_factory.mktemp("input")
     output_dir = tmp_path_factory.mktemp("output")
@@ -274,3 +290,41 @@ def test_options_of_another_method_are_refused(comfy_env):
     executor, _, _ = run_prompt(graph)
     errors = [data for event, data in executor.status_messages if event == "execution_error"]
     assert errors and "options are for edict but the method is ddim" in errors[0]["exception_message"]
+
+
+P2P_INPUTS = {"source_prompt": "a cat sitting on a bench", "target_prompt": "a fluffy dog sitting on a bench",
+              "mode": "auto", "cross_replace_steps": 0.4, "self_replace_steps": 0.6, "reweight_words": "fluffy",
+              "reweight_values": "1.5", "blend_source_words": "cat", "blend_target_words": "fluffy dog",
+              "blend_threshold": 0.3, "blend_start": 0.2}
+
+
+@pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
+def test_every_method_with_the_p2p_editor_in_the_executor(comfy_env, method):
+    """CLIP -> P2P Editor -> (source) Invert, (target, editor) Direct Inversion Sampler -> VAE Decode, plus the
+    attention-map image, as a user wires it."""
+    _, output_dir = comfy_env
+    graph = edit_graph(steps=10)
+    for node in ("8", "9", "10", "11"):
+        graph.pop(node)
+    graph["20"] = {"class_type": "DITest_TinyClip", "inputs": {}}
+    graph["21"] = {"class_type": "DirectInversion_P2PEditor", "inputs": {"clip": ["20", 0], **P2P_INPUTS}}
+    graph["22"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["20", 0], "text": ""}}
+    graph["4"]["inputs"].update(source=["21", 1], negative=["22", 0], method=method)
+    graph["5"]["inputs"].update(target=["21", 2], negative=["22", 0], editor=["21", 0])
+    if method in METHOD_OPTIONS:
+        node, values = METHOD_OPTIONS[method]
+        graph["12"] = {"class_type": node, "inputs": values}
+        graph["4"]["inputs"]["options"] = ["12", 0]
+    graph["23"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 3], "filename_prefix": f"maps_{method}"}}
+    executor, _, validation = run_prompt(graph)
+    assert validation[0], validation
+    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    encoded = output_of(executor, "3", 0)["samples"]
+    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    assert torch.isfinite(edited).all() and edited.shape == encoded.shape
+    assert (source - encoded).abs().max().item() <= 1e-4
+    assert (edited - source).abs().max().item() > 1e-3
+    maps = output_of(executor, "5", 3)
+    words = len(P2P_INPUTS["target_prompt"].split())
+    assert maps.shape[0] == 1 and maps.shape[2] == words * 128 and maps.max() == 1.0
+    assert len(list(output_dir.glob(f"maps_{method}_*.png"))) == 1

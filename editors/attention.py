@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -119,6 +119,3 @@ class EditController:
     def finish(self) -> None:
         """Called once sampling has ended (normally or not): drop cached tensors."""
 
-
-def optional_tensor(x: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
-    return None if x is None else x.to(device)

@@ -18,7 +18,6 @@ Semantics, with n the sampling step (0 = the first step, from z_T) of a run of N
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -318,9 +317,3 @@ class P2PController(EditController):
     def finish(self) -> None:
         self.cache.clear()
 
-
-def describe(editor: P2PEditor) -> dict:
-    """JSON-able summary of an editor (for logs and saved workflows' outputs)."""
-    out = {f.name: getattr(editor, f.name) for f in dataclasses.fields(editor) if f.name not in ("source", "target", "mask")}
-    out.update(source=editor.source.text, target=editor.target.text, mask=editor.mask is not None)
-    return out

@@ -140,7 +140,8 @@ class DirectInversionSampler(io.ComfyNode):
                 "Edits an inverted image (Ju et al., PnP Inversion, ICLR 2024): a source branch and a target branch are "
                 "sampled with DDIM from z*_T; after every step the source branch is put back on the inversion "
                 "trajectory by the offset z*_(t-1) - step(z*_t), so it reconstructs the image exactly at any cfg. "
-                "Without an editor the target branch is plain DDIM sampling along the target prompt. Null-text uses its "
+                "Without an editor the target branch is plain DDIM sampling along the target prompt; with one (P2P "
+                "Editor) the target takes the source's attention as the editor says. Null-text uses its "
                 "optimised embeddings and negative-prompt the source prompt as unconditional input; EDICT samples its "
                 "coupled latents (exact without offsets)."
             ),

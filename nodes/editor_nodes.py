@@ -5,7 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..adapters.comfyui_prompts import tokenized_prompt
-from ..editors import P2P_MODES, prompt_to_prompt
+from ..editors import P2P_MODES, MasaCtrlEditor, prompt_to_prompt, word_positions
 
 CATEGORY = "inversion/editors"
 EDITOR = io.Custom("EDITOR")
@@ -96,6 +96,66 @@ class P2PEditorNode(io.ComfyNode):
         return io.NodeOutput(editor, source.encode(clip), target.encode(clip))
 
 
+class MasaCtrlEditorNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DirectInversion_MasaCtrlEditor",
+            display_name="MasaCtrl Editor",
+            category=CATEGORY,
+            description=(
+                "MasaCtrl (Cao et al.) for non-rigid edits (pose, action, viewpoint: 'a cat sitting' -> 'a cat "
+                "jumping') through the Direct Inversion Sampler's editor input: from start_step and start_layer on, "
+                "the target's self-attention queries attend to the source's keys and values (unconditional and "
+                "conditional halves each to their own). Encodes both prompts (the source prompt may be empty, as in "
+                "the PnP Inversion runs). Layers count the UNet's transformer blocks in forward order; start_layer "
+                "-1 takes the reference's 10 of SD1.x/SD2.x's 16 (the decoder) or the same position elsewhere "
+                "(SDXL: 44 of 70). A mask, or a word of each prompt (automatic mask from its cross-attention, "
+                "threshold 0.1), makes foreground and background attend separately."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The model's text encoder."),
+                io.String.Input("source_prompt", multiline=True, default="", tooltip="What the image shows (may be empty)."),
+                io.String.Input("target_prompt", multiline=True, default="a photo of a cat jumping",
+                                tooltip="The pose or action it should show."),
+                io.Int.Input("start_step", default=4, min=0, max=1000, tooltip="First step with mutual self-attention (reference: 4 of 50)."),
+                io.Int.Input("start_layer", default=-1, min=-1, max=200,
+                             tooltip="First transformer block with it (forward order); -1: the family's default."),
+                io.String.Input("mask_source_word", default="",
+                                tooltip="Automatic mask: a word of the source prompt (the object in the image)."),
+                io.String.Input("mask_target_word", default="",
+                                tooltip="Automatic mask: the same object's word in the target prompt."),
+                io.Float.Input("mask_threshold", default=0.1, min=0.0, max=1.0, step=0.05,
+                               tooltip="Threshold of the automatic masks on the min-max normalised attention."),
+                io.Mask.Input("mask", optional=True, tooltip="Foreground mask of the object (instead of mask words)."),
+            ],
+            outputs=[
+                EDITOR.Output("editor", tooltip="For the Direct Inversion Sampler's editor input."),
+                io.Conditioning.Output("source", tooltip="The encoded source prompt (for Invert)."),
+                io.Conditioning.Output("target", tooltip="The encoded target prompt (for the sampler)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, source_prompt, target_prompt, start_step, start_layer, mask_source_word, mask_target_word,
+                mask_threshold, mask=None) -> io.NodeOutput:
+        if clip is None:
+            raise RuntimeError("The clip input is invalid: the checkpoint has no text encoder.")
+        source = tokenized_prompt(clip, source_prompt, "source")
+        target = tokenized_prompt(clip, target_prompt, "target")
+        words = (mask_source_word.strip(), mask_target_word.strip())
+        positions = ((), ())
+        if any(words):
+            if not all(words):
+                raise ValueError("MasaCtrl's automatic mask needs a word of each prompt: set both mask_source_word "
+                                 "and mask_target_word, or neither.")
+            positions = (tuple(word_positions(source.prompt, words[0])), tuple(word_positions(target.prompt, words[1])))
+        editor = MasaCtrlEditor(start_step=start_step, start_layer=None if start_layer < 0 else start_layer,
+                                mask=None if mask is None else mask.float(), source_positions=positions[0],
+                                target_positions=positions[1], mask_threshold=mask_threshold)
+        return io.NodeOutput(editor, source.encode(clip), target.encode(clip))
+
+
 def maps_image(controller, tile: int = 128) -> torch.Tensor:
     """IMAGE ``[B, H, W, 3]``: per image of the batch, a labelled grid of the target prompt's per-word attention maps
     (averaged over steps and map layers, each normalised to its maximum); a placeholder if there are none."""
@@ -131,4 +191,4 @@ def _pixels(image):
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-NODES = [P2PEditorNode]
+NODES = [P2PEditorNode, MasaCtrlEditorNode]

@@ -328,3 +328,43 @@ def test_every_method_with_the_p2p_editor_in_the_executor(comfy_env, method):
     words = len(P2P_INPUTS["target_prompt"].split())
     assert maps.shape[0] == 1 and maps.shape[2] == words * 128 and maps.max() == 1.0
     assert len(list(output_dir.glob(f"maps_{method}_*.png"))) == 1
+
+
+MASACTRL_INPUTS = {"source_prompt": "", "target_prompt": "a photo of a cat jumping", "start_step": 2,
+                   "start_layer": -1, "mask_source_word": "", "mask_target_word": "", "mask_threshold": 0.1}
+
+
+@pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
+def test_every_method_with_the_masactrl_editor_in_the_executor(comfy_env, method):
+    """CLIP -> MasaCtrl Editor (empty source prompt, as the PnP Inversion runs) -> Invert / Direct Inversion Sampler."""
+    graph = edit_graph(steps=10)
+    for node in ("8", "9", "10", "11"):
+        graph.pop(node)
+    graph["20"] = {"class_type": "DITest_TinyClip", "inputs": {}}
+    graph["21"] = {"class_type": "DirectInversion_MasaCtrlEditor", "inputs": {"clip": ["20", 0], **MASACTRL_INPUTS}}
+    graph["22"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["20", 0], "text": ""}}
+    graph["4"]["inputs"].update(source=["21", 1], negative=["22", 0], method=method)
+    graph["5"]["inputs"].update(target=["21", 2], negative=["22", 0], editor=["21", 0])
+    if method in METHOD_OPTIONS:
+        node, values = METHOD_OPTIONS[method]
+        graph["12"] = {"class_type": node, "inputs": values}
+        graph["4"]["inputs"]["options"] = ["12", 0]
+    executor, _, validation = run_prompt(graph)
+    assert validation[0], validation
+    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    encoded = output_of(executor, "3", 0)["samples"]
+    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    assert torch.isfinite(edited).all() and (source - encoded).abs().max().item() <= 1e-4
+    assert (edited - source).abs().max().item() > 1e-3
+
+
+def test_masactrl_editor_node_errors(comfy_env):
+    graph = edit_graph(steps=4)
+    graph["20"] = {"class_type": "DITest_TinyClip", "inputs": {}}
+    graph["21"] = {"class_type": "DirectInversion_MasaCtrlEditor",
+                   "inputs": {"clip": ["20", 0], **MASACTRL_INPUTS, "source_prompt": "a cat sitting",
+                              "mask_source_word": "cat", "mask_target_word": "dog"}}
+    graph["5"]["inputs"].update(target=["21", 2], editor=["21", 0])
+    executor, _, _ = run_prompt(graph)
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert errors and "'dog' is not a word of the prompt 'a photo of a cat jumping'" in errors[0]["exception_message"]

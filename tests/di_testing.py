@@ -181,13 +181,14 @@ TINY_SDXL_UNET_CONFIG = {
 SDXL_POOLED_DIM = 1280
 
 
-def tiny_comfy_sdxl(seed: int = 0, out_scale: float = OUT_SCALE):
-    """A ComfyUI SDXL-family ModelPatcher at toy size; ComfyUI leaves weights empty, so they are set here."""
+def tiny_comfy_sdxl(seed: int = 0, out_scale: float = OUT_SCALE, pooled_dim: int = SDXL_POOLED_DIM):
+    """A ComfyUI SDXL-family ModelPatcher at toy size; ComfyUI leaves weights empty, so they are set here.
+    ``pooled_dim``: width of the pooled text embedding it takes (SDXL's CLIP-G: 1280; the tiny SDXL CLIP's: 16)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SDXL(TINY_SDXL_UNET_CONFIG)
+    config = comfy.supported_models.SDXL({**TINY_SDXL_UNET_CONFIG, "adm_in_channels": pooled_dim + 6 * 256})
     config.unet_config["num_head_channels"] = 8  # SDXL's 64-channel heads do not fit 32 channels
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
@@ -230,18 +231,44 @@ def tiny_comfy_clip(seed: int = 0, width: int = CONTEXT_DIM):
         tokenizer = comfy.sd1_clip.SD1Tokenizer
 
     clip = comfy.sd.CLIP(target=Target(), model_options={"dtype": torch.float32})
+    _init_text_model(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_comfy_sdxl_clip(seed: int = 0):
+    """A ComfyUI SDXL CLIP (both tokenizers real) whose two text models are tiny: CLIP-L and CLIP-G of width
+    ``CONTEXT_DIM / 2`` each (their hidden states are concatenated into the tiny SDXL UNet's context); its pooled
+    output has that width too (use ``tiny_comfy_sdxl(pooled_dim=CONTEXT_DIM // 2)``)."""
+    import comfy.sd
+    import comfy.sdxl_clip
+
+    width = CONTEXT_DIM // 2
+    common = {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2, "num_hidden_layers": 3}
+    options = {"clip_l_model_config": common, "clip_g_model_config": common, "dtype": torch.float32}
+
+    class Target:
+        params = {}
+        clip = comfy.sdxl_clip.SDXLClipModel
+        tokenizer = comfy.sdxl_clip.SDXLTokenizer
+
+    clip = comfy.sd.CLIP(target=Target(), model_options=options)
+    _init_text_model(clip.cond_stage_model, seed)
+    return clip
+
+
+def _init_text_model(model, seed: int) -> None:
+    """ComfyUI leaves text-model weights empty: unit-scale embeddings, fan-in scaled linear layers, unit norms."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in clip.cond_stage_model.modules():
+        for module in model.modules():
             norm = isinstance(module, torch.nn.LayerNorm)
             for name, p in module.named_parameters(recurse=False):
                 if name == "logit_scale":
                     continue
                 if norm:
                     p.fill_(1.0 if name == "weight" else 0.0)
-                elif p.ndim > 1:  # embeddings unit-scaled, linear layers fan-in scaled
+                elif p.ndim > 1:
                     scale = 1.0 if isinstance(module, torch.nn.Embedding) else p.shape[1] ** -0.5
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
                 else:
                     p.zero_()
-    return clip

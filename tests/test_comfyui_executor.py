@@ -61,6 +61,21 @@ class TinyClip:
         return (T.tiny_comfy_clip(),)
 
 
+class TinySDXL:
+    """Test-only node: a tiny SDXL-family model, VAE and CLIP (both SDXL tokenizers real; random weights)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("MODEL", "VAE", "CLIP")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self):
+        return (T.tiny_comfy_sdxl(pooled_dim=T.CONTEXT_DIM // 2), T.tiny_comfy_vae(), T.tiny_comfy_sdxl_clip())
+
+
 class NaNLatent:
     """Test-only node: a LATENT with a NaN in it."""
 
@@ -86,7 +101,7 @@ def comfy_env(comfyui_path, tmp_path_factory):
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     assert asyncio.run(nodes.load_custom_node(str(T.ROOT))), "ComfyUI failed to load the pack"
     nodes.NODE_CLASS_MAPPINGS.update({"DITest_TinySD15": TinySD15, "DITest_NaNLatent": NaNLatent,
-                                      "DITest_TinyClip": TinyClip})
+                                      "DITest_TinyClip": TinyClip, "DITest_TinySDXL": TinySDXL})
 
     input_dir = tmp_path_factory.mktemp("input")
     output_dir = tmp_path_factory.mktemp("output")
@@ -368,3 +383,31 @@ def test_masactrl_editor_node_errors(comfy_env):
     executor, _, _ = run_prompt(graph)
     errors = [data for event, data in executor.status_messages if event == "execution_error"]
     assert errors and "'dog' is not a word of the prompt 'a photo of a cat jumping'" in errors[0]["exception_message"]
+
+
+@pytest.mark.parametrize("editor", ["p2p", "masactrl"])
+def test_editors_on_an_sdxl_family_model_in_the_executor(comfy_env, editor):
+    """SDXL: both tokenizers align the P2P prompts; the editors find their layers by place and resolution."""
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "di_test.png"}},
+        "2": {"class_type": "DITest_TinySDXL", "inputs": {}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 1]}},
+        "21": ({"class_type": "DirectInversion_P2PEditor", "inputs": {"clip": ["2", 2], **P2P_INPUTS}} if editor == "p2p"
+               else {"class_type": "DirectInversion_MasaCtrlEditor", "inputs": {"clip": ["2", 2], **MASACTRL_INPUTS}}),
+        "22": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 2], "text": ""}},
+        "4": {"class_type": "DirectInversion_Invert",
+              "inputs": {"model": ["2", 0], "latent": ["3", 0], "source": ["21", 1], "negative": ["22", 0],
+                         "method": "ddim", "steps": 10, "cfg": 1.0}},
+        "5": {"class_type": "DirectInversion_Sampler",
+              "inputs": {"model": ["2", 0], "inversion": ["4", 0], "target": ["21", 2], "negative": ["22", 0],
+                         "cfg": 7.5, "offsets": "source", "editor": ["21", 0]}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["2", 1]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"sdxl_{editor}"}},
+    }
+    executor, _, validation = run_prompt(graph)
+    assert validation[0], validation
+    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    encoded = output_of(executor, "3", 0)["samples"]
+    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    assert torch.isfinite(edited).all() and (source - encoded).abs().max().item() <= 1e-4 * encoded.abs().max().item()
+    assert (edited - source).abs().max().item() > 1e-3

@@ -198,13 +198,16 @@ class ComfyDenoiser:
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int,
                  guided: bool = True) -> torch.Tensor:
         options = self.options(branch, level)
-        if guided:
-            return _eps_via_denoised(lambda x, sigmas: self.guider(x, sigmas, model_options=options, seed=self.seed),
-                                     z, sigma)
-        conds = self.guider.cond(branch)
+        if not guided:
+            return self.conditional(self.guider.cond(branch), z, sigma, options)
+        return _eps_via_denoised(lambda x, sigmas: self.guider(x, sigmas, model_options=options, seed=self.seed),
+                                 z, sigma)
+
+    def conditional(self, conds: list, z: torch.Tensor, sigma: torch.Tensor, options: dict) -> torch.Tensor:
+        """eps of processed ``conds`` alone (no unconditional evaluation, no guidance)."""
+        model = self.guider.inner_model
         return _eps_via_denoised(
-            lambda x, sigmas: comfy.samplers.calc_cond_batch(self.guider.inner_model, [conds], x, sigmas, options)[0],
-            z, sigma)
+            lambda x, sigmas: comfy.samplers.calc_cond_batch(model, [conds], x, sigmas, options)[0], z, sigma)
 
 
 def attention_layers(model) -> dict:
@@ -291,9 +294,7 @@ class ComfyNullText:
         self.null_embedding = negative[0]["model_conds"]["c_crossattn"].cond
 
     def _eps(self, conds: list, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        model, options = self.denoiser.guider.inner_model, self.denoiser.options(BRANCH_SOURCE, None)
-        return _eps_via_denoised(
-            lambda x, sigmas: comfy.samplers.calc_cond_batch(model, [conds], x, sigmas, options)[0], z, sigma)
+        return self.denoiser.conditional(conds, z, sigma, self.denoiser.options(BRANCH_SOURCE, None))
 
     def eps_source(self, z, sigma):
         return self._eps(self.denoiser.guider.cond(BRANCH_SOURCE), z, sigma)

@@ -19,7 +19,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 __all__ = ["AttentionCall", "AttentionLayer", "Attend", "EditController", "attention_probs", "attend_probs",
-           "chunk_rows", "layer_orders"]
+           "chunk_rows", "layer_orders", "query_grid"]
 
 PLACES = ("down", "mid", "up")
 
@@ -74,6 +74,16 @@ def chunk_rows(chunks: Sequence[str], batch: int, role: str) -> list[slice]:
         raise ValueError(f"a batch of {batch} rows does not split into {len(chunks)} chunks")
     size = batch // len(chunks)
     return [slice(i * size, (i + 1) * size) for i, c in enumerate(chunks) if c == role]
+
+
+def query_grid(latent_hw: Sequence[int], queries: int) -> tuple[int, int]:
+    """The ``(h, w)`` grid of a layer's ``queries`` over a latent of size ``latent_hw`` (the UNet halves sizes
+    rounding up)."""
+    factor = math.sqrt(latent_hw[0] * latent_hw[1] / queries)
+    h = round(latent_hw[0] / factor)
+    if h <= 0 or h * (queries // h) != queries:
+        raise ValueError(f"cannot place {queries} queries on a {tuple(latent_hw)} latent")
+    return h, queries // h
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

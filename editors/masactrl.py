@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionCall, AttentionLayer, Attend, EditController, attention_probs, chunk_rows
+from .attention import AttentionCall, AttentionLayer, Attend, EditController, attention_probs, chunk_rows, query_grid
 from .p2p import map_factor
 
 __all__ = ["MasaCtrlController", "MasaCtrlEditor", "default_start_layer", "masked_attention"]
@@ -115,6 +115,7 @@ class MasaCtrlController(EditController):
         self.cache: dict = {}
         self.maps: dict = {}  # branch -> (level, [maps [B, queries, tokens] of this step])
         self.records: list = []
+        self.user_masks: dict = {}  # the user mask per query grid
 
     def step_of(self, level: int) -> int:
         return self.steps - level
@@ -144,9 +145,7 @@ class MasaCtrlController(EditController):
         if source is None or any(role not in source for role in roles):
             raise RuntimeError("MasaCtrl: the source branch's keys and values of this step are missing; the source "
                                "must be predicted (with the same halves) before the target.")
-        masks = self._masks(q.shape[1], call)
-        if masks is not None:
-            masks = tuple(m.to(q.device) for m in masks)
+        masks = self._masks(q.shape[1], call, q.device)
         out = q.new_empty(q.shape[:2] + v.shape[-1:], dtype=v.dtype)
         for role, s in roles.items():
             k_src, v_src = source[role]
@@ -166,13 +165,6 @@ class MasaCtrlController(EditController):
         return out
 
     # -- masks ----------------------------------------------------------------------------------------------------
-    def _grid(self, queries: int) -> tuple[int, int]:
-        factor = math.sqrt(self.latent_hw[0] * self.latent_hw[1] / queries)
-        h = round(self.latent_hw[0] / factor)
-        if h * (queries // h) != queries:
-            raise ValueError(f"cannot place {queries} queries on a {self.latent_hw} latent")
-        return h, queries // h
-
     def _store_maps(self, q, k, call: AttentionCall) -> None:
         rows = chunk_rows(call.chunks, q.shape[0], "cond")
         if not rows:
@@ -189,7 +181,7 @@ class MasaCtrlController(EditController):
         if stored_level != level or not maps:
             return None
         average = torch.stack(maps).mean(0)  # [B, hw, tokens]
-        h, w = self._grid(average.shape[1])
+        h, w = query_grid(self.latent_hw, average.shape[1])
         image = average[..., [p for p in positions if p < average.shape[-1]]].sum(-1).reshape(-1, 1, h, w)
         low = image.amin(dim=(2, 3), keepdim=True)
         high = image.amax(dim=(2, 3), keepdim=True)
@@ -197,14 +189,16 @@ class MasaCtrlController(EditController):
         image = F.interpolate(image, size=grid)
         return image.flatten(1) >= self.editor.mask_threshold
 
-    def _masks(self, queries: int, call: AttentionCall) -> Optional[tuple]:
+    def _masks(self, queries: int, call: AttentionCall, device) -> Optional[tuple]:
         """(source key mask, target query mask), each ``[B, queries]`` bool, or None (attend without masks)."""
-        grid = self._grid(queries)
+        grid = query_grid(self.latent_hw, queries)
         if self.editor.mask is not None:
-            mask = self.editor.mask
-            mask = mask[None] if mask.ndim == 2 else mask
-            resized = F.interpolate(mask[:, None].float(), size=grid).flatten(1) > 0.5
-            return resized, resized
+            if grid not in self.user_masks:  # one resize per layer resolution, not per call
+                mask = self.editor.mask
+                mask = mask[None] if mask.ndim == 2 else mask
+                resized = F.interpolate(mask[:, None].float(), size=grid).flatten(1) > 0.5
+                self.user_masks[grid] = resized.to(device)
+            return self.user_masks[grid], self.user_masks[grid]
         if not self.editor.auto_mask:
             return None
         source = self._word_mask("source", self.editor.source_positions, call.level, grid)

@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionCall, AttentionLayer, Attend, EditController, attend_probs, attention_probs, chunk_rows
+from .attention import (AttentionCall, AttentionLayer, Attend, EditController, attend_probs, attention_probs, chunk_rows,
+                        query_grid)
 from .p2p_alignment import TokenizedPrompt, auto_mode, equalizer, refinement_mapper, replacement_mapper, word_positions
 
 __all__ = ["P2P_MODES", "P2PController", "P2PEditor", "prompt_to_prompt"]
@@ -48,7 +49,8 @@ class P2PEditor:
         blend_threshold: local blend's threshold on the normalised maps (reference 0.3).
         blend_start: fraction of the steps after which local blend acts (reference 0.2).
         mask: optional ``[1 or B, H, W]`` region the edit may change (1) instead of blend words.
-        record: keep every edited cross-attention map of both branches (for inspection and tests; memory heavy).
+        record: keep every edited cross-attention map of both branches and every local-blend mask (for inspection
+            and tests; memory heavy).
     """
 
     mode: str
@@ -147,7 +149,6 @@ class P2PController(EditController):
         self.editor = editor
         self.steps = steps
         self.latent_hw = tuple(latent_shape[-2:])
-        self.batch = latent_shape[0]
         self.cross_steps = int(editor.cross_replace_steps * steps)
         self.self_steps = int(editor.self_replace_steps * steps)
         self.blend_from = int(editor.blend_start * steps)
@@ -160,7 +161,8 @@ class P2PController(EditController):
         self.maps: dict = {}  # branch -> [B, queries, tokens] summed over steps and map layers, head-averaged
         self.map_calls: dict = {}
         self.records: list = []
-        self.blend_masks: list = []
+        self.user_mask: Optional[torch.Tensor] = None
+        self.blend_masks: list = []  # (step, mask) of every blended step, with ``record``
 
     # -- which calls need the controller ------------------------------------------------------------------------
     def step_of(self, level: int) -> int:
@@ -190,6 +192,8 @@ class P2PController(EditController):
         rows = cond[0]
         edits = self._edits(call, q.shape[1])
         stores = call.layer.cross and call.layer.key in self.map_keys
+        if not edits and not stores:  # e.g. self-attention with more queries than the reference replaces
+            return attend(q, k, v)
         if call.branch == "source":
             qc, kc = q[rows], k[rows]
             if edits:
@@ -214,15 +218,9 @@ class P2PController(EditController):
             if q_src.shape[0] != qc.shape[0]:
                 raise ValueError(f"source batch {q_src.shape[0]} and target batch {qc.shape[0]} differ")
             base = attention_probs(q_src, k_src, call.heads)
-            if call.layer.cross:
-                probs = self._edit_cross(base, attention_probs(qc, kc, call.heads))
-            else:
-                probs = base
-        elif stores:
-            probs = attention_probs(qc, kc, call.heads)
+            probs = self._edit_cross(base, qc, kc, call.heads) if call.layer.cross else base
         else:
-            out[rows] = attend(qc, kc, vc)
-            return out
+            probs = attention_probs(qc, kc, call.heads)
         if stores:
             self._store("target", probs)
         if edits and self.editor.record and call.layer.cross:
@@ -230,7 +228,8 @@ class P2PController(EditController):
         out[rows] = attend_probs(probs, vc)
         return out
 
-    def _edit_cross(self, base: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    def _edit_cross(self, base: torch.Tensor, q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+        """The target's maps from the source's ``base``; its own maps (from q, k) only where refine keeps them."""
         m = base.shape[-1]
         if m > self.editor.max_tokens:
             raise ValueError(f"The conditioning has {m} tokens; Prompt-to-Prompt aligns at most {self.editor.max_tokens}.")
@@ -240,7 +239,7 @@ class P2PController(EditController):
         else:
             index = self.mapping[1][:m].clamp(max=m - 1).to(base.device)
             alphas = self.mapping[2][:m].to(base)
-            probs = base[..., index] * alphas + own * (1.0 - alphas)
+            probs = base[..., index] * alphas + attention_probs(q, k, heads) * (1.0 - alphas)
         if self.scale is not None:
             probs = probs * self.scale[:m].to(probs)
         return probs
@@ -257,19 +256,12 @@ class P2PController(EditController):
                              "probs": probs.detach().cpu()})
 
     # -- maps and local blend -----------------------------------------------------------------------------------
-    def map_grid(self) -> tuple[int, int]:
-        if self.map_factor is None:
-            raise ValueError("this UNet has no cross-attention outside its middle block")
-        h = math.ceil(self.latent_hw[0] / self.map_factor)
-        w = math.ceil(self.latent_hw[1] / self.map_factor)
-        return h, w
-
     def average_maps(self, branch: str = "target") -> Optional[torch.Tensor]:
         """``[B, h, w, tokens]`` cross-attention maps of ``branch`` averaged over the steps and map layers so far."""
         if branch not in self.maps:
             return None
-        h, w = self.map_grid()
         maps = self.maps[branch] / self.map_calls[branch]
+        h, w = query_grid(self.latent_hw, maps.shape[1])
         return maps.reshape(maps.shape[0], h, w, maps.shape[-1])
 
     def word_maps(self, branch: str = "target") -> list[tuple[str, torch.Tensor]]:
@@ -295,11 +287,13 @@ class P2PController(EditController):
         """``[B or 1, 1, H, W]`` region the target may change at this step."""
         shape = tuple(x.shape[-2:])
         if self.editor.mask is not None:
-            mask = self.editor.mask
-            mask = mask[None] if mask.ndim == 2 else mask
-            if mask.shape[0] not in (1, x.shape[0]):
-                raise ValueError(f"The local-blend mask has batch {mask.shape[0]}, the latents {x.shape[0]}.")
-            return F.interpolate(mask[:, None].to(x.device, torch.float32), size=shape, mode="area")
+            if self.user_mask is None:  # resized and moved to the device once per run
+                mask = self.editor.mask
+                mask = mask[None] if mask.ndim == 2 else mask
+                if mask.shape[0] not in (1, x.shape[0]):
+                    raise ValueError(f"The local-blend mask has batch {mask.shape[0]}, the latents {x.shape[0]}.")
+                self.user_mask = F.interpolate(mask[:, None].to(x.device, torch.float32), size=shape, mode="area")
+            return self.user_mask
         region = torch.zeros((x.shape[0], 1) + shape, dtype=torch.bool, device=x.device)
         if self.editor.blend_source_words:
             region |= self._word_mask("source", self.editor.blend_source_words, shape).to(x.device)
@@ -311,7 +305,8 @@ class P2PController(EditController):
         if not self.editor.local_blend or step < self.blend_from:
             return x_target
         mask = self.blend_mask(x_target).to(x_target.dtype)
-        self.blend_masks.append((step, mask.detach().cpu()))
+        if self.editor.record:
+            self.blend_masks.append((step, mask.detach().cpu()))
         return x_source + mask * (x_target - x_source)
 
     def finish(self) -> None:

@@ -28,6 +28,13 @@ def parse_reweight(words: str, values: str) -> list[tuple[str, float]]:
         raise ValueError(f"reweight values must be numbers separated by commas, got {values!r}") from None
 
 
+def _prompts(clip, source_prompt: str, target_prompt: str):
+    """Both prompts with their word positions, from the CLIP given."""
+    if clip is None:
+        raise RuntimeError("The clip input is invalid: the checkpoint has no text encoder.")
+    return tokenized_prompt(clip, source_prompt, "source"), tokenized_prompt(clip, target_prompt, "target")
+
+
 class P2PEditorNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -84,10 +91,7 @@ class P2PEditorNode(io.ComfyNode):
     def execute(cls, clip, source_prompt, target_prompt, mode, cross_replace_steps, self_replace_steps,
                 reweight_words, reweight_values, blend_source_words, blend_target_words, blend_threshold, blend_start,
                 mask=None) -> io.NodeOutput:
-        if clip is None:
-            raise RuntimeError("The clip input is invalid: the checkpoint has no text encoder.")
-        source = tokenized_prompt(clip, source_prompt, "source")
-        target = tokenized_prompt(clip, target_prompt, "target")
+        source, target = _prompts(clip, source_prompt, target_prompt)
         editor = prompt_to_prompt(
             source.prompt, target.prompt, mode=mode, cross_replace_steps=cross_replace_steps,
             self_replace_steps=self_replace_steps, reweight=parse_reweight(reweight_words, reweight_values),
@@ -139,10 +143,7 @@ class MasaCtrlEditorNode(io.ComfyNode):
     @classmethod
     def execute(cls, clip, source_prompt, target_prompt, start_step, start_layer, mask_source_word, mask_target_word,
                 mask_threshold, mask=None) -> io.NodeOutput:
-        if clip is None:
-            raise RuntimeError("The clip input is invalid: the checkpoint has no text encoder.")
-        source = tokenized_prompt(clip, source_prompt, "source")
-        target = tokenized_prompt(clip, target_prompt, "target")
+        source, target = _prompts(clip, source_prompt, target_prompt)
         words = (mask_source_word.strip(), mask_target_word.strip())
         positions = ((), ())
         if any(words):

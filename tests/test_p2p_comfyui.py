@@ -4,6 +4,7 @@ ComfyUI's real tokenizers, the P2P Editor node and the attention-map image."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -56,9 +57,9 @@ def inverted(comfy, model, conds):
 def test_backends_agree_with_p2p(comfy, editors, tiny_unet, model, conds):
     from comfyui_direct_inversion.adapters import diffusers_backend
 
-    editor = p2p(editors, "a cat on a bench", "a motorbike on a bench", cross_replace_steps=0.5,
-                 self_replace_steps=0.6, reweight=[("motorbike", 2.0)], blend_source_words=["cat"],
-                 blend_target_words=["motorbike"], blend_threshold=0.9)
+    editor = dataclasses.replace(p2p(editors, "a cat on a bench", "a motorbike on a bench", cross_replace_steps=0.5,
+                                     self_replace_steps=0.6, reweight=[("motorbike", 2.0)], blend_source_words=["cat"],
+                                     blend_target_words=["motorbike"], blend_threshold=0.9), record=True)
     scheduler = T.sd_scheduler()
     z0 = T.image_like_latent()
     embeds = {name: c[0][0] for name, c in conds.items()}
@@ -142,8 +143,6 @@ def test_existing_attention_patch_still_acts(comfy, editors, model, conds, inver
 
 
 def test_sdxl_family(comfy, editors):
-    import dataclasses
-
     model = T.tiny_comfy_sdxl()
     layers = comfy.attention_layers(model)
     assert {(layer.place, layer.factor) for layer in layers.values()} == {("down", 2), ("mid", 2), ("up", 2)}

@@ -130,8 +130,8 @@ def test_local_blend_keeps_the_source_outside_the_mask(backend, editors, setup):
 def test_local_blend_with_words_keeps_the_source_outside_their_attention(backend, editors, setup):
     # a random UNet's cross-attention is nearly uniform over the image (each word's normalised map lies in
     # [0.75, 1]), so the reference threshold 0.3 selects everything; 0.9 selects a part
-    editor = p2p(editors, "a cat on a bench", "a dog on a bench", blend_source_words=["cat"],
-                 blend_target_words=["dog"], blend_threshold=0.9)
+    editor = dataclasses.replace(p2p(editors, "a cat on a bench", "a dog on a bench", blend_source_words=["cat"],
+                                     blend_target_words=["dog"], blend_threshold=0.9), record=True)
     out, steps = _trajectory(backend, setup, editor)
     masks = dict(out.editor_state.blend_masks)
     assert sorted(masks) == list(range(int(0.2 * STEPS), STEPS))

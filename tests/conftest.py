@@ -43,3 +43,42 @@ def comfyui_path():
 @pytest.fixture(scope="session")
 def tiny_unet():
     return di_testing.tiny_diffusers_unet()
+
+
+@pytest.fixture(scope="session")
+def core(pack):
+    from comfyui_direct_inversion import inversion
+
+    return inversion
+
+
+@pytest.fixture(scope="session")
+def editors(pack):
+    from comfyui_direct_inversion import editors
+
+    return editors
+
+
+@pytest.fixture(scope="session")
+def diffusers_backend(pack):
+    from comfyui_direct_inversion.adapters import diffusers_backend
+
+    return diffusers_backend
+
+
+@pytest.fixture(scope="session")
+def comfy_backend(comfyui_path, pack):
+    from comfyui_direct_inversion.adapters import comfyui_backend
+
+    return comfyui_backend
+
+
+
+@pytest.fixture(scope="session")
+def edit_setup(diffusers_backend, tiny_unet):
+    """The tiny diffusers UNet, a latent, three prompts and the latent's DDIM inversion in ``EDIT_STEPS`` steps."""
+    s = {"backend": diffusers_backend, "unet": tiny_unet, "scheduler": di_testing.sd_scheduler(),
+         "z0": di_testing.image_like_latent(), "source": di_testing.prompt_embeds(1),
+         "target": di_testing.prompt_embeds(2), "null": di_testing.prompt_embeds(3)}
+    s["ddim"] = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=di_testing.EDIT_STEPS)
+    return s

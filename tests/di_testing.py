@@ -118,6 +118,16 @@ def prompt_embeds(seed: int, batch: int = 1) -> torch.Tensor:
     return base + PROMPT_SPREAD * own
 
 
+EDIT_STEPS = 10  # steps of conftest's ``edit_setup`` inversion
+
+
+def diffusers_edit(setup: dict, target, editor=None, inversion=None, cfg: float = 7.5, **kw):
+    """An edit through the diffusers backend of conftest's ``edit_setup`` (its DDIM inversion unless given one)."""
+    s = setup
+    return s["backend"].edit(s["unet"], s["scheduler"], inversion or s["ddim"], target, s["null"], cfg=cfg,
+                             editor=editor, **kw)
+
+
 def comfy_model_from_diffusers(unet, v_prediction: bool = False):
     """A ComfyUI SD1.5-family ModelPatcher with the diffusers UNet's weights (ComfyUI's own key map)."""
     import comfy.model_management

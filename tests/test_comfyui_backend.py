@@ -8,20 +8,6 @@ import di_testing as T
 
 
 @pytest.fixture(scope="module")
-def comfy_backend(comfyui_path, pack):
-    from comfyui_direct_inversion.adapters import comfyui_backend
-
-    return comfyui_backend
-
-
-@pytest.fixture(scope="module")
-def diffusers_backend(pack):
-    from comfyui_direct_inversion.adapters import diffusers_backend
-
-    return diffusers_backend
-
-
-@pytest.fixture(scope="module")
 def model(comfy_backend, tiny_unet):
     return T.comfy_model_from_diffusers(tiny_unet)
 
@@ -157,7 +143,8 @@ def test_errors_name_the_problem_and_leave_nothing_patched(comfy_backend, model,
             comfy_backend.invert(flow, latent, conds["source"], conds["negative"], steps=5)
 
         wrong = T.comfy_conditioning(torch.randn(1, T.TOKENS, 7))
-        with pytest.raises(ValueError, match="target conditioning has width 7 but this model's cross-attention expects 32"):
+        with pytest.raises(ValueError,
+                           match="target conditioning has width 7 but this model's cross-attention expects 32"):
             comfy_backend.direct_inversion(model, inv.inversion, wrong, conds["negative"])
 
         # an interrupt inside the sampling loop unwinds ComfyUI's set-up

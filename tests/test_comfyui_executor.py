@@ -28,69 +28,49 @@ class FakeServer:
         self.messages.append((event, data))
 
 
-class TinySD15:
-    """Test-only node: a tiny SD1.5-family model, VAE and three prompts' conditioning (random weights)."""
+def input_free_node(name: str, doc: str, return_types: tuple, make):
+    """A test-only ComfyUI node without inputs whose output is ``make()``."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
+    class Node:
+        __doc__ = doc
+        RETURN_TYPES = return_types
+        FUNCTION = "make"
+        CATEGORY = "testing"
 
-    RETURN_TYPES = ("MODEL", "VAE", "CONDITIONING", "CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("model", "vae", "source", "target", "negative")
-    FUNCTION = "load"
-    CATEGORY = "testing"
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
 
-    def load(self):
-        model = T.comfy_model_from_diffusers(T.tiny_diffusers_unet())
-        conds = [T.comfy_conditioning(T.prompt_embeds(seed)) for seed in (1, 2, 3)]
-        return (model, T.tiny_comfy_vae(), *conds)
+        def make(self):
+            return make()
 
-
-class TinyClip:
-    """Test-only node: a CLIP with SD1.x's real tokenizer and a tiny random text model (the tiny UNet's width)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    def load(self):
-        return (T.tiny_comfy_clip(),)
+    Node.__name__ = Node.__qualname__ = name
+    return Node
 
 
-class TinySDXL:
-    """Test-only node: a tiny SDXL-family model, VAE and CLIP (both SDXL tokenizers real; random weights)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    RETURN_TYPES = ("MODEL", "VAE", "CLIP")
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    def load(self):
-        return (T.tiny_comfy_sdxl(pooled_dim=T.CONTEXT_DIM // 2), T.tiny_comfy_vae(), T.tiny_comfy_sdxl_clip())
+def _tiny_sd15():
+    model = T.comfy_model_from_diffusers(T.tiny_diffusers_unet())
+    conds = [T.comfy_conditioning(T.prompt_embeds(seed)) for seed in (1, 2, 3)]
+    return (model, T.tiny_comfy_vae(), *conds)
 
 
-class NaNLatent:
-    """Test-only node: a LATENT with a NaN in it."""
+def _nan_latent():
+    samples = torch.zeros(1, 4, 16, 16)
+    samples[0, 0, 3, 3] = float("nan")
+    return ({"samples": samples},)
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
 
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "make"
-    CATEGORY = "testing"
-
-    def make(self):
-        samples = torch.zeros(1, 4, 16, 16)
-        samples[0, 0, 3, 3] = float("nan")
-        return ({"samples": samples},)
+TEST_NODES = {
+    "DITest_TinySD15": input_free_node("TinySD15", "A tiny SD1.5-family model, VAE and three prompts' conditioning.",
+                                 ("MODEL", "VAE", "CONDITIONING", "CONDITIONING", "CONDITIONING"), _tiny_sd15),
+    "DITest_TinyClip": input_free_node("TinyClip", "A CLIP with SD1.x's real tokenizer and a tiny random text model.",
+                                 ("CLIP",), lambda: (T.tiny_comfy_clip(),)),
+    "DITest_TinySDXL": input_free_node("TinySDXL", "A tiny SDXL-family model, VAE and CLIP (both tokenizers real).",
+                                 ("MODEL", "VAE", "CLIP"),
+                                 lambda: (T.tiny_comfy_sdxl(pooled_dim=T.CONTEXT_DIM // 2), T.tiny_comfy_vae(),
+                                          T.tiny_comfy_sdxl_clip())),
+    "DITest_NaNLatent": input_free_node("NaNLatent", "A LATENT with a NaN in it.", ("LATENT",), _nan_latent),
+}
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +80,7 @@ def comfy_env(comfyui_path, tmp_path_factory):
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     assert asyncio.run(nodes.load_custom_node(str(T.ROOT))), "ComfyUI failed to load the pack"
-    nodes.NODE_CLASS_MAPPINGS.update({"DITest_TinySD15": TinySD15, "DITest_NaNLatent": NaNLatent,
-                                      "DITest_TinyClip": TinyClip, "DITest_TinySDXL": TinySDXL})
+    nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
 
     input_dir = tmp_path_factory.mktemp("input")
     output_dir = tmp_path_factory.mktemp("output")
@@ -199,7 +178,8 @@ def test_edit_graph_runs_in_the_executor(comfy_env):
     # SamplerCustom from z_T along Invert's sigmas is the DDIM reconstruction (offsets off, cfg 1)
     chained = output_of(executor, "9", 0)["samples"]
     baseline, _, _ = run_prompt({**edit_graph(offsets="off", cfg=1.0),
-                                 "5": {**edit_graph()["5"], "inputs": {**edit_graph()["5"]["inputs"], "target": ["2", 2],
+                                 "5": {**edit_graph()["5"], "inputs": {**edit_graph()["5"]["inputs"], "target": ["2",
+                                                                                                                 2],
                                                                        "cfg": 1.0, "offsets": "off"}}})
     reference = output_of(baseline, "5", 1)["samples"]
     sigma_min = float(output_of(executor, "4", 2)[-1])
@@ -259,7 +239,8 @@ def test_pack_loads_in_quick_ci_run(comfyui_path, tmp_path):
 
 
 METHOD_OPTIONS = {
-    "null_text": ("DirectInversion_NullTextOptions", {"guidance": 7.5, "inner_steps": 3, "early_stop": 1e-5, "lr": 1e-2}),
+    "null_text": ("DirectInversion_NullTextOptions", {"guidance": 7.5, "inner_steps": 3, "early_stop": 1e-5,
+                                                      "lr": 1e-2}),
     "negative_prompt": ("DirectInversion_NegativePromptOptions", {"interpolation": 0.0, "proximal": "l0",
                                                                   "quantile": 0.75}),
     "edict": ("DirectInversion_EdictOptions", {"mix": 0.93, "strength": 0.8, "guidance": 3.0, "leapfrog": True}),
@@ -392,7 +373,8 @@ def test_editors_on_an_sdxl_family_model_in_the_executor(comfy_env, editor):
         "1": {"class_type": "LoadImage", "inputs": {"image": "di_test.png"}},
         "2": {"class_type": "DITest_TinySDXL", "inputs": {}},
         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 1]}},
-        "21": ({"class_type": "DirectInversion_P2PEditor", "inputs": {"clip": ["2", 2], **P2P_INPUTS}} if editor == "p2p"
+        "21": ({"class_type": "DirectInversion_P2PEditor", "inputs": {"clip": ["2", 2],
+                                                                      **P2P_INPUTS}} if editor == "p2p"
                else {"class_type": "DirectInversion_MasaCtrlEditor", "inputs": {"clip": ["2", 2], **MASACTRL_INPUTS}}),
         "22": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 2], "text": ""}},
         "4": {"class_type": "DirectInversion_Invert",

@@ -7,13 +7,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def core(pack):
-    from comfyui_direct_inversion import inversion
-
-    return inversion
-
-
 def sd_alphas_cumprod() -> torch.Tensor:
     """SD's scaled-linear schedule, computed here independently of the code under test."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2

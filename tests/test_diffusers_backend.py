@@ -10,13 +10,6 @@ import di_testing as T
 
 
 @pytest.fixture(scope="module")
-def backend(pack):
-    from comfyui_direct_inversion.adapters import diffusers_backend
-
-    return diffusers_backend
-
-
-@pytest.fixture(scope="module")
 def scheduler():
     return T.sd_scheduler()
 
@@ -27,9 +20,9 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def inverted(backend, tiny_unet, scheduler, prompts):
+def inverted(diffusers_backend, tiny_unet, scheduler, prompts):
     z0 = T.image_like_latent()
-    return z0, backend.invert(tiny_unet, scheduler, z0, prompts["source"], steps=50)
+    return z0, diffusers_backend.invert(tiny_unet, scheduler, z0, prompts["source"], steps=50)
 
 
 def rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,20 +46,22 @@ def test_ddim_step_matches_diffusers_scheduler(pack, tiny_unet):
 
 
 @pytest.mark.parametrize("cfg", [1.0, 7.5])
-def test_source_reconstruction_is_exact(backend, tiny_unet, scheduler, prompts, inverted, cfg):
+def test_source_reconstruction_is_exact(diffusers_backend, tiny_unet, scheduler, prompts, inverted, cfg):
     z0, inv = inverted
-    out = backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"], cfg=cfg)
+    out = diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"], cfg=cfg)
     assert (out.source - z0).abs().max().item() <= 1e-5
     assert rel_mse(out.edited, z0) > 1e-3  # the target branch is a different image
-    both = backend.edit(tiny_unet, scheduler, inv, prompts["source"], prompts["negative"], cfg=cfg, offsets="both")
+    both = diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["source"], prompts["negative"], cfg=cfg,
+                                  offsets="both")
     assert (both.edited - z0).abs().max().item() <= 1e-5
 
 
-def test_baseline_reconstructs_at_cfg_1_and_worse_at_7_5(backend, tiny_unet, scheduler, prompts, inverted):
+def test_baseline_reconstructs_at_cfg_1_and_worse_at_7_5(diffusers_backend, tiny_unet, scheduler, prompts, inverted):
     z0, inv = inverted
     errors = {}
     for cfg in (1.0, 7.5):
-        out = backend.edit(tiny_unet, scheduler, inv, prompts["source"], prompts["negative"], cfg=cfg, offsets="off")
+        out = diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["source"], prompts["negative"], cfg=cfg,
+                                     offsets="off")
         assert torch.equal(out.source, out.edited)  # target = source prompt, no offsets: the same DDIM sampling
         errors[cfg] = rel_mse(out.source, z0)
     print(f"DDIM inversion + sampling, relative MSE: cfg 1 {errors[1.0]:.4f}, cfg 7.5 {errors[7.5]:.4f}")
@@ -74,52 +69,53 @@ def test_baseline_reconstructs_at_cfg_1_and_worse_at_7_5(backend, tiny_unet, sch
     assert errors[7.5] > 10 * errors[1.0]  # and measurably worse with guidance
 
 
-def test_v_prediction_reconstruction_is_exact(backend, tiny_unet, prompts):
+def test_v_prediction_reconstruction_is_exact(diffusers_backend, tiny_unet, prompts):
     scheduler = T.sd_scheduler("v_prediction")
     z0 = T.image_like_latent()
-    inv = backend.invert(tiny_unet, scheduler, z0, prompts["source"], steps=20)
-    out = backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"], cfg=7.5)
+    inv = diffusers_backend.invert(tiny_unet, scheduler, z0, prompts["source"], steps=20)
+    out = diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"], cfg=7.5)
     assert (out.source - z0).abs().max().item() <= 1e-5
     assert inv.model_family.endswith("v_prediction")
 
 
-def test_v_prediction_converts_to_eps(backend, tiny_unet, prompts):
+def test_v_prediction_converts_to_eps(diffusers_backend, tiny_unet, prompts):
     """eps from a v-prediction UNet = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) z, at the scheduler's timestep."""
     scheduler = T.sd_scheduler("v_prediction")
-    denoiser = backend.DiffusersDenoiser(tiny_unet, scheduler, {"source": prompts["source"]}, None, 1.0)
+    denoiser = diffusers_backend.DiffusersDenoiser(tiny_unet, scheduler, {"source": prompts["source"]}, None, 1.0)
     z = T.image_like_latent()
     t = 500
-    sigma = torch.tensor(float(backend.train_sigmas(scheduler)[t]))
+    sigma = torch.tensor(float(diffusers_backend.train_sigmas(scheduler)[t]))
     with torch.no_grad():
         v = tiny_unet(z, t, encoder_hidden_states=prompts["source"]).sample
         a = scheduler.alphas_cumprod[t].item()
         assert torch.allclose(denoiser(z, sigma, "source", 25), math.sqrt(a) * v + math.sqrt(1 - a) * z, atol=1e-5)
 
 
-def test_batches_of_images(backend, tiny_unet, scheduler, prompts):
+def test_batches_of_images(diffusers_backend, tiny_unet, scheduler, prompts):
     z0 = torch.cat([T.image_like_latent(seed=1), T.image_like_latent(seed=2)])
-    inv = backend.invert(tiny_unet, scheduler, z0, prompts["source"], steps=10)
-    out = backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"], cfg=7.5)
+    inv = diffusers_backend.invert(tiny_unet, scheduler, z0, prompts["source"], steps=10)
+    out = diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"], cfg=7.5)
     assert (out.source - z0).abs().max().item() <= 1e-5
-    single = backend.edit(tiny_unet, scheduler, backend.invert(tiny_unet, scheduler, z0[1:], prompts["source"], steps=10),
+    single = diffusers_backend.edit(tiny_unet, scheduler, diffusers_backend.invert(tiny_unet, scheduler, z0[1:],
+                                                                                   prompts["source"], steps=10),
                           prompts["target"], prompts["negative"], cfg=7.5)
     assert torch.allclose(out.edited[1:], single.edited, atol=1e-4)
 
 
-def test_errors_name_the_problem(backend, tiny_unet, scheduler, prompts, inverted):
+def test_errors_name_the_problem(diffusers_backend, tiny_unet, scheduler, prompts, inverted):
     _, inv = inverted
     other = T.tiny_diffusers_unet()
     other.register_to_config(cross_attention_dim=64)  # stands for a model of another family
     with pytest.raises(ValueError, match="made with a 'diffusers:.*ctx32.*' model"):
-        backend.edit(other, scheduler, inv, prompts["target"], prompts["negative"])
+        diffusers_backend.edit(other, scheduler, inv, prompts["target"], prompts["negative"])
     with pytest.raises(ValueError, match=r"shape \(2, 4, 16, 16\).*\(1, 4, 16, 16\)"):
-        backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"],
+        diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"],
                      x_target=torch.zeros(2, 4, 16, 16))
     with pytest.raises(ValueError, match="needs negative prompt embeddings"):
-        backend.edit(tiny_unet, scheduler, inv, prompts["target"], None, cfg=7.5)
+        diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["target"], None, cfg=7.5)
     with pytest.raises(ValueError, match="at least 1"):
-        backend.invert(tiny_unet, scheduler, T.image_like_latent(), prompts["source"], steps=0)
+        diffusers_backend.invert(tiny_unet, scheduler, T.image_like_latent(), prompts["source"], steps=0)
     nan_latent = T.image_like_latent()
     nan_latent[0, 1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="latent to invert contains 1 NaN"):
-        backend.invert(tiny_unet, scheduler, nan_latent, prompts["source"], steps=5)
+        diffusers_backend.invert(tiny_unet, scheduler, nan_latent, prompts["source"], steps=5)

@@ -10,34 +10,8 @@ import torch
 
 import di_testing as T
 
-STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def backend(pack):
-    from comfyui_direct_inversion.adapters import diffusers_backend
-
-    return diffusers_backend
-
-
-@pytest.fixture(scope="module")
-def editors(pack):
-    from comfyui_direct_inversion import editors
-
-    return editors
-
-
-@pytest.fixture(scope="module")
-def setup(backend, tiny_unet):
-    s = {"unet": tiny_unet, "scheduler": T.sd_scheduler(), "z0": T.image_like_latent(),
-         "source": T.prompt_embeds(1), "target": T.prompt_embeds(2), "null": T.prompt_embeds(3)}
-    s["ddim"] = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=STEPS)
-    return s
-
-
-def run(backend, s, target, editor=None, inversion=None, cfg=7.5, **kw):
-    return backend.edit(s["unet"], s["scheduler"], inversion or s["ddim"], target, s["null"], cfg=cfg, editor=editor,
-                        **kw)
+STEPS = T.EDIT_STEPS
+run = T.diffusers_edit
 
 
 def reference_attention(q, k, v, heads):
@@ -48,20 +22,20 @@ def reference_attention(q, k, v, heads):
     return (weights @ vh).permute(0, 2, 1, 3).reshape(b, n, -1)
 
 
-def test_layers_and_default_start(backend, editors, setup):
-    layers = backend.attention_layers(setup["unet"])
+def test_layers_and_default_start(diffusers_backend, editors, edit_setup):
+    layers = diffusers_backend.attention_layers(edit_setup["unet"])
     self_layers = [layer for layer in layers.values() if not layer.cross]
     assert [layer.order for layer in self_layers] == list(range(4))
     assert editors.default_start_layer(16) == 10 and editors.default_start_layer(70) == 44
     with pytest.raises(ValueError, match="start_layer is 9 but this UNet has 4 transformer blocks"):
-        run(backend, setup, setup["target"], editors.MasaCtrlEditor(start_layer=9))
+        run(edit_setup, edit_setup["target"], editors.MasaCtrlEditor(start_layer=9))
 
 
-def test_target_attends_to_the_source_keys_and_values(backend, editors, setup):
+def test_target_attends_to_the_source_keys_and_values(diffusers_backend, editors, edit_setup):
     """At edited steps and layers the target's output is attention of its queries over the source's keys/values
     (captured from the source's own projections here); elsewhere nothing is edited."""
-    unet = setup["unet"]
-    layers = backend.attention_layers(unet)
+    unet = edit_setup["unet"]
+    layers = diffusers_backend.attention_layers(unet)
     captured = []  # (module name, which, output) of every to_k / to_v call, in call order
     handles = []
     for name in layers:
@@ -71,7 +45,7 @@ def test_target_attends_to_the_source_keys_and_values(backend, editors, setup):
                 lambda mod, args, out, name=name, which=which: captured.append((name, which, out.detach().clone()))))
     editor = editors.MasaCtrlEditor(start_step=3, start_layer=2, record=True)
     try:
-        out = run(backend, setup, setup["target"], editor)
+        out = run(edit_setup, edit_setup["target"], editor)
     finally:
         for handle in handles:
             handle.remove()
@@ -96,29 +70,29 @@ def test_target_attends_to_the_source_keys_and_values(backend, editors, setup):
         assert torch.equal(r["k"], k_src) and torch.equal(r["v"], v_src)
 
 
-def test_identity_and_exact_source(backend, editors, setup):
+def test_identity_and_exact_source(diffusers_backend, editors, edit_setup):
     """The source stays exact under MasaCtrl, and mutual self-attention of an image with itself changes nothing:
     with the target prompt = the source's and offsets on both branches, the target stays on the source's path."""
     editor = editors.MasaCtrlEditor(start_step=0, start_layer=0)
-    out = run(backend, setup, setup["source"], editor)
-    assert torch.equal(out.source, setup["z0"])
-    both = run(backend, setup, setup["source"], editor, offsets="both")
-    torch.testing.assert_close(both.edited, setup["z0"], rtol=0, atol=1e-5)
+    out = run(edit_setup, edit_setup["source"], editor)
+    assert torch.equal(out.source, edit_setup["z0"])
+    both = run(edit_setup, edit_setup["source"], editor, offsets="both")
+    torch.testing.assert_close(both.edited, edit_setup["z0"], rtol=0, atol=1e-5)
     # (MasaCtrl pulling a *drifting* identity edit toward the source is not visible in this toy UNet, whose
     # self-attention is a small part of the network: measured MSE to the source 0.01353 without, 0.01357 with, cfg 3)
 
 
-def test_masks(backend, editors, setup):
-    base = run(backend, setup, setup["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1))
-    ones = run(backend, setup, setup["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1,
+def test_masks(diffusers_backend, editors, edit_setup):
+    base = run(edit_setup, edit_setup["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1))
+    ones = run(edit_setup, edit_setup["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1,
                                                                         mask=torch.ones(16, 16)))
-    zeros = run(backend, setup, setup["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1,
+    zeros = run(edit_setup, edit_setup["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1,
                                                                          mask=torch.zeros(16, 16)))
     torch.testing.assert_close(ones.edited, base.edited, rtol=0, atol=1e-5)
     torch.testing.assert_close(zeros.edited, base.edited, rtol=0, atol=1e-5)  # only the background path
     mask = torch.zeros(16, 16)
     mask[3:11, 5:13] = 1.0
-    half = run(backend, setup, setup["target"], dataclasses.replace(
+    half = run(edit_setup, edit_setup["target"], dataclasses.replace(
         editors.MasaCtrlEditor(start_step=2, start_layer=1, mask=mask), record=True))
     assert (half.edited - base.edited).abs().max() > 1e-5
     for r in half.editor_state.records:
@@ -130,10 +104,10 @@ def test_masks(backend, editors, setup):
         torch.testing.assert_close(r["out"][:, ~fg_queries].double(), expected_bg[:, ~fg_queries], rtol=0, atol=1e-5)
 
 
-def test_automatic_mask_from_words(backend, editors, setup):
+def test_automatic_mask_from_words(diffusers_backend, editors, edit_setup):
     editor = editors.MasaCtrlEditor(start_step=2, start_layer=1, source_positions=(2,), target_positions=(2,),
                                     record=True)
-    out = run(backend, setup, setup["target"], editor)
+    out = run(edit_setup, edit_setup["target"], editor)
     masks = [r["masks"] for r in out.editor_state.records]
     assert masks and all(m is not None for m in masks)  # the map level (factor 1 here) runs before the decoder
     assert any(0 < m[1].sum() < m[1].numel() for m in masks)
@@ -142,13 +116,14 @@ def test_automatic_mask_from_words(backend, editors, setup):
 
 
 @pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
-def test_every_method(backend, editors, setup, method):
-    s = setup
+def test_every_method(diffusers_backend, editors, edit_setup, method):
+    s = edit_setup
     options = {"inner_steps": 2} if method == "null_text" else None
-    inversion = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=STEPS, method=method,
+    inversion = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=STEPS,
+                                         method=method,
                                options=options)
-    plain = run(backend, s, s["target"], inversion=inversion)
-    out = run(backend, s, s["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1), inversion=inversion)
+    plain = run(s, s["target"], inversion=inversion)
+    out = run(s, s["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1), inversion=inversion)
     if method == "edict":
         torch.testing.assert_close(out.source.float(), s["z0"], rtol=0, atol=1e-4)
     else:
@@ -160,44 +135,39 @@ def test_every_method(backend, editors, setup, method):
 # -- ComfyUI ------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def comfy(comfyui_path, pack):
-    from comfyui_direct_inversion.adapters import comfyui_backend
-
-    return comfyui_backend
-
-
-def test_comfyui_agrees_with_diffusers_and_leaves_no_patch(comfy, backend, editors, setup, tiny_unet):
+def test_comfyui_agrees_with_diffusers_and_leaves_no_patch(comfy_backend, editors, edit_setup, tiny_unet):
     import copy
 
     model = T.comfy_model_from_diffusers(tiny_unet)
     before = copy.deepcopy(model.model_options)
-    conds = {name: T.comfy_conditioning(setup[name]) for name in ("source", "target", "null")}
+    conds = {name: T.comfy_conditioning(edit_setup[name]) for name in ("source", "target", "null")}
     mask = torch.zeros(16, 16)
     mask[3:11, 5:13] = 1.0
     for editor in (editors.MasaCtrlEditor(start_step=2, start_layer=1),
                    editors.MasaCtrlEditor(start_step=2, start_layer=1, mask=mask),
                    editors.MasaCtrlEditor(start_step=2, start_layer=1, source_positions=(2,), target_positions=(2,))):
         with torch.inference_mode():
-            inv = comfy.invert(model, model.model.process_latent_out(setup["z0"]), conds["source"], conds["null"],
+            inv = comfy_backend.invert(model, model.model.process_latent_out(edit_setup["z0"]), conds["source"],
+                                       conds["null"],
                                steps=STEPS)
-            out = comfy.direct_inversion(model, inv.inversion, conds["target"], conds["null"], cfg=7.5, editor=editor)
-        expected = run(backend, setup, setup["target"], editor)
+            out = comfy_backend.direct_inversion(model, inv.inversion, conds["target"], conds["null"], cfg=7.5,
+                                                 editor=editor)
+        expected = run(edit_setup, edit_setup["target"], editor)
         edited = model.model.process_latent_in(out.edited)
         assert (edited - expected.edited).abs().max() <= 1e-4 * expected.edited.abs().max()
     assert model.model_options == before
 
 
-def test_comfyui_sdxl_family(comfy, editors):
+def test_comfyui_sdxl_family(comfy_backend, editors):
     model = T.tiny_comfy_sdxl()
     source, target, negative = T.sdxl_conditioning(1), T.sdxl_conditioning(2), T.sdxl_conditioning(3)
     latent = model.model.process_latent_out(T.image_like_latent())
-    layers = [layer for layer in comfy.attention_layers(model).values() if not layer.cross]
+    layers = [layer for layer in comfy_backend.attention_layers(model).values() if not layer.cross]
     editor = editors.MasaCtrlEditor(start_step=2, record=True)
     with torch.inference_mode():
-        inversion = comfy.invert(model, latent, source, negative, steps=STEPS).inversion
-        plain = comfy.direct_inversion(model, inversion, target, negative, cfg=7.5)
-        out = comfy.direct_inversion(model, inversion, target, negative, cfg=7.5, editor=editor)
+        inversion = comfy_backend.invert(model, latent, source, negative, steps=STEPS).inversion
+        plain = comfy_backend.direct_inversion(model, inversion, target, negative, cfg=7.5)
+        out = comfy_backend.direct_inversion(model, inversion, target, negative, cfg=7.5, editor=editor)
     assert (out.source - latent).abs().max().item() <= 1e-5 * latent.abs().max().item()
     assert ((out.edited - plain.edited) ** 2).mean() > 1e-8
     start = editors.default_start_layer(len(layers))

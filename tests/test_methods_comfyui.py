@@ -10,13 +10,6 @@ import di_testing as T
 
 
 @pytest.fixture(scope="module")
-def comfy_backend(comfyui_path, pack):
-    from comfyui_direct_inversion.adapters import comfyui_backend
-
-    return comfyui_backend
-
-
-@pytest.fixture(scope="module")
 def inference_model(comfy_backend, tiny_unet):
     """Built under inference_mode, as ComfyUI's executor loads checkpoints: its weights are inference tensors."""
     with torch.inference_mode():

@@ -8,20 +8,6 @@ import di_testing as T
 
 
 @pytest.fixture(scope="module")
-def backend(pack):
-    from comfyui_direct_inversion.adapters import diffusers_backend
-
-    return diffusers_backend
-
-
-@pytest.fixture(scope="module")
-def core(pack):
-    from comfyui_direct_inversion import inversion
-
-    return inversion
-
-
-@pytest.fixture(scope="module")
 def setup(tiny_unet):
     return {"unet": tiny_unet, "scheduler": T.sd_scheduler(), "z0": T.image_like_latent(),
             "source": T.prompt_embeds(1), "target": T.prompt_embeds(2), "null": T.prompt_embeds(3)}
@@ -32,15 +18,16 @@ def rel_mse(a, b):
 
 
 @pytest.fixture(scope="module")
-def ddim(backend, setup):
+def ddim(diffusers_backend, setup):
     s = setup
-    return backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=50)
+    return diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=50)
 
 
 @pytest.fixture(scope="module")
-def null_text(backend, setup):
+def null_text(diffusers_backend, setup):
     s = setup
-    return backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=50, method="null_text")
+    return diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=50,
+                                    method="null_text")
 
 
 def test_null_text_optimisation_converges_or_improves_every_step(null_text):
@@ -61,54 +48,57 @@ def test_null_text_optimisation_converges_or_improves_every_step(null_text):
     assert torch.allclose(thresholds, 1e-5 + torch.arange(steps, dtype=torch.float64) * 2e-5)
 
 
-def test_null_text_reconstructs_far_closer_than_ddim_at_cfg_7_5(backend, setup, ddim, null_text):
+def test_null_text_reconstructs_far_closer_than_ddim_at_cfg_7_5(diffusers_backend, setup, ddim, null_text):
     s = setup
-    plain = backend.edit(s["unet"], s["scheduler"], ddim, s["source"], s["null"], cfg=7.5, offsets="off")
-    nt = backend.edit(s["unet"], s["scheduler"], null_text, s["source"], s["null"], cfg=7.5, offsets="off")
+    plain = diffusers_backend.edit(s["unet"], s["scheduler"], ddim, s["source"], s["null"], cfg=7.5, offsets="off")
+    nt = diffusers_backend.edit(s["unet"], s["scheduler"], null_text, s["source"], s["null"], cfg=7.5, offsets="off")
     plain_err, nt_err = rel_mse(plain.source, s["z0"]), rel_mse(nt.source, s["z0"])
     print(f"reconstruction at cfg 7.5, relative MSE: DDIM {plain_err:.4f}, null-text {nt_err:.4f}")
     assert nt_err * 5 <= plain_err
 
 
-def test_null_text_inside_inference_mode(backend, setup):
+def test_null_text_inside_inference_mode(diffusers_backend, setup):
     s = setup
     with torch.inference_mode():
-        inv = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=6, method="null_text")
-    outside = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=6, method="null_text")
+        inv = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=6,
+                                       method="null_text")
+    outside = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=6,
+                                       method="null_text")
     assert torch.allclose(inv.extras["null_embeddings"], outside.extras["null_embeddings"], atol=1e-6)
     # only the embedding was differentiated: no weight gradients, and the weights' flags are as they were
     assert all(p.grad is None and p.requires_grad for p in s["unet"].parameters())
 
 
-def test_null_text_needs_the_null_prompt(backend, setup):
+def test_null_text_needs_the_null_prompt(diffusers_backend, setup):
     s = setup
     with pytest.raises(ValueError, match="empty prompt's embeddings"):
-        backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], None, steps=4, method="null_text")
+        diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], None, steps=4, method="null_text")
 
 
 @pytest.mark.parametrize("cfg", [1.0, 7.5])
-def test_negative_prompt_reconstruction_is_ddim_at_guidance_1(backend, setup, ddim, cfg):
+def test_negative_prompt_reconstruction_is_ddim_at_guidance_1(diffusers_backend, setup, ddim, cfg):
     s = setup
-    npi = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=50, method="negative_prompt")
-    out = backend.edit(s["unet"], s["scheduler"], npi, s["source"], s["null"], cfg=cfg, offsets="off")
-    reference = backend.edit(s["unet"], s["scheduler"], ddim, s["source"], s["null"], cfg=1.0, offsets="off")
+    npi = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=50, method="negative_prompt")
+    out = diffusers_backend.edit(s["unet"], s["scheduler"], npi, s["source"], s["null"], cfg=cfg, offsets="off")
+    reference = diffusers_backend.edit(s["unet"], s["scheduler"], ddim, s["source"], s["null"], cfg=1.0, offsets="off")
     assert torch.allclose(out.source, reference.source, atol=1e-5)
 
 
-def test_negative_prompt_interpolation_and_proximal_guidance(backend, setup):
+def test_negative_prompt_interpolation_and_proximal_guidance(diffusers_backend, setup):
     s = setup
-    plain = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10, method="negative_prompt")
-    prox = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10, method="negative_prompt",
+    plain = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10,
+                                     method="negative_prompt")
+    prox = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10, method="negative_prompt",
                           options={"proximal": "l0", "quantile": 0.75})
-    half = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10, method="negative_prompt",
+    half = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10, method="negative_prompt",
                           options={"interpolation": 0.5})
-    edits = [backend.edit(s["unet"], s["scheduler"], inv, s["target"], s["null"], cfg=7.5).edited
+    edits = [diffusers_backend.edit(s["unet"], s["scheduler"], inv, s["target"], s["null"], cfg=7.5).edited
              for inv in (plain, prox, half)]
     assert all(torch.isfinite(e).all() for e in edits)
     assert not torch.allclose(edits[0], edits[1], atol=1e-4)  # proximal guidance changes the edit
     assert not torch.allclose(edits[0], edits[2], atol=1e-4)  # so does interpolating toward the null prompt
     with pytest.raises(ValueError, match="proximal guidance must be one of"):
-        backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=4, method="negative_prompt",
+        diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=4, method="negative_prompt",
                        options={"proximal": "l2"})
 
 
@@ -123,16 +113,17 @@ def test_proximal_delta_matches_the_reference_formula(core):
     assert torch.equal(core.proximal_delta(delta, "none", 0.75), delta)
 
 
-def test_edict_reconstructs_exactly_thanks_to_float64_bookkeeping(backend, core, setup):
+def test_edict_reconstructs_exactly_thanks_to_float64_bookkeeping(diffusers_backend, core, setup):
     s = setup
     assert s["unet"].dtype == torch.float32
-    inv = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=50, method="edict")
+    inv = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=50, method="edict")
     assert inv.steps == 40 and inv.z_star.dtype == torch.float64  # strength 0.8 of 50 steps, as the reference
-    out = backend.edit(s["unet"], s["scheduler"], inv, s["source"], s["null"])
+    out = diffusers_backend.edit(s["unet"], s["scheduler"], inv, s["source"], s["null"])
     error64 = (out.source - s["z0"]).abs().max().item()
 
     # the same inversion and regeneration with float32 bookkeeping
-    denoiser = backend.DiffusersDenoiser(s["unet"], s["scheduler"], {"source": s["source"], "target": s["source"]},
+    denoiser = diffusers_backend.DiffusersDenoiser(s["unet"], s["scheduler"], {"source": s["source"],
+                                                                               "target": s["source"]},
                                          s["null"], 3.0)
     options = core.EdictOptions()
     x32, y32 = core.invert_edict(denoiser, s["z0"], inv.sigmas, options, dtype=torch.float32)
@@ -144,19 +135,20 @@ def test_edict_reconstructs_exactly_thanks_to_float64_bookkeeping(backend, core,
 
 
 @pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
-def test_every_method_edits_through_the_sampler(backend, setup, method):
+def test_every_method_edits_through_the_sampler(diffusers_backend, setup, method):
     s = setup
-    inv = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=8, method=method)
-    out = backend.edit(s["unet"], s["scheduler"], inv, s["target"], s["null"], cfg=7.5)
+    inv = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=8, method=method)
+    out = diffusers_backend.edit(s["unet"], s["scheduler"], inv, s["target"], s["null"], cfg=7.5)
     assert torch.isfinite(out.edited).all() and torch.isfinite(out.source).all()
     assert out.edited.shape == s["z0"].shape
     assert (out.source.float() - s["z0"]).abs().max() <= 1e-5  # offsets (or EDICT) reconstruct exactly
     assert rel_mse(out.edited.float(), s["z0"]) > 1e-4  # and the target prompt changed the image
 
 
-def test_unknown_method_and_options_are_refused(backend, setup):
+def test_unknown_method_and_options_are_refused(diffusers_backend, setup):
     s = setup
     with pytest.raises(ValueError, match="Unknown inversion method 'pnp'"):
-        backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=4, method="pnp")
+        diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=4, method="pnp")
     with pytest.raises(ValueError, match="edict has no option"):
-        backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=4, method="edict", options={"lr": 1})
+        diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=4, method="edict",
+                                 options={"lr": 1})

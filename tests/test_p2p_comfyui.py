@@ -15,27 +15,13 @@ STEPS = 10
 VOCAB = {"a": [1], "cat": [2], "dog": [3], "on": [7], "bench": [8], "motorbike": [9, 10]}
 
 
-@pytest.fixture(scope="module")
-def comfy(comfyui_path, pack):
-    from comfyui_direct_inversion.adapters import comfyui_backend
-
-    return comfyui_backend
-
-
-@pytest.fixture(scope="module")
-def editors(pack):
-    from comfyui_direct_inversion import editors
-
-    return editors
-
-
 def p2p(editors, source, target, **options):
     tok = lambda text: editors.tokenize_words(text, lambda word: VOCAB[word], 100, 101, max_len=T.TOKENS)  # noqa: E731
     return editors.prompt_to_prompt(tok(source), tok(target), max_tokens=T.TOKENS, **options)
 
 
 @pytest.fixture(scope="module")
-def model(comfy, tiny_unet):
+def model(comfy_backend, tiny_unet):
     return T.comfy_model_from_diffusers(tiny_unet)
 
 
@@ -46,15 +32,15 @@ def conds():
 
 
 @pytest.fixture(scope="module")
-def inverted(comfy, model, conds):
+def inverted(comfy_backend, model, conds):
     z0 = T.image_like_latent()
     latent = model.model.process_latent_out(z0)
     with torch.inference_mode():
-        out = comfy.invert(model, latent, conds["source"], conds["negative"], steps=STEPS)
+        out = comfy_backend.invert(model, latent, conds["source"], conds["negative"], steps=STEPS)
     return latent, out.inversion
 
 
-def test_backends_agree_with_p2p(comfy, editors, tiny_unet, model, conds):
+def test_backends_agree_with_p2p(comfy_backend, editors, tiny_unet, model, conds):
     from comfyui_direct_inversion.adapters import diffusers_backend
 
     editor = dataclasses.replace(p2p(editors, "a cat on a bench", "a motorbike on a bench", cross_replace_steps=0.5,
@@ -64,8 +50,9 @@ def test_backends_agree_with_p2p(comfy, editors, tiny_unet, model, conds):
     z0 = T.image_like_latent()
     embeds = {name: c[0][0] for name, c in conds.items()}
     with torch.inference_mode():
-        inv_c = comfy.invert(model, model.model.process_latent_out(z0), conds["source"], conds["negative"], steps=STEPS)
-        out_c = comfy.direct_inversion(model, inv_c.inversion, conds["target"], conds["negative"], cfg=7.5,
+        inv_c = comfy_backend.invert(model, model.model.process_latent_out(z0), conds["source"], conds["negative"],
+                                     steps=STEPS)
+        out_c = comfy_backend.direct_inversion(model, inv_c.inversion, conds["target"], conds["negative"], cfg=7.5,
                                        editor=editor)
     inv_d = diffusers_backend.invert(tiny_unet, scheduler, z0, embeds["source"], steps=STEPS)
     out_d = diffusers_backend.edit(tiny_unet, scheduler, inv_d, embeds["target"], embeds["negative"], cfg=7.5,
@@ -77,18 +64,19 @@ def test_backends_agree_with_p2p(comfy, editors, tiny_unet, model, conds):
         assert i == j and torch.equal(a, b)
 
 
-def test_identity_edit_is_closer_and_source_exact(comfy, editors, model, conds, inverted):
+def test_identity_edit_is_closer_and_source_exact(comfy_backend, editors, model, conds, inverted):
     latent, inversion = inverted
     editor = p2p(editors, "a cat on a bench", "a cat on a bench", cross_replace_steps=1.0, self_replace_steps=1.0)
     with torch.inference_mode():
-        plain = comfy.direct_inversion(model, inversion, conds["source"], conds["negative"], cfg=3.0)
-        out = comfy.direct_inversion(model, inversion, conds["source"], conds["negative"], cfg=3.0, editor=editor)
+        plain = comfy_backend.direct_inversion(model, inversion, conds["source"], conds["negative"], cfg=3.0)
+        out = comfy_backend.direct_inversion(model, inversion, conds["source"], conds["negative"], cfg=3.0,
+                                             editor=editor)
     assert (out.source - latent).abs().max().item() <= 1e-5
     # guidance 3 for the reason given in test_p2p_diffusers' identity test
     assert ((out.edited - latent) ** 2).mean() < 0.98 * ((plain.edited - latent) ** 2).mean()
 
 
-def test_at_most_three_unet_samples_per_edit_step(comfy, editors, model, conds, inverted):
+def test_at_most_three_unet_samples_per_edit_step(comfy_backend, editors, model, conds, inverted):
     _, inversion = inverted
     samples = []
 
@@ -100,30 +88,31 @@ def test_at_most_three_unet_samples_per_edit_step(comfy, editors, model, conds, 
     counted.set_model_unet_function_wrapper(counting)
     editor = p2p(editors, "a cat on a bench", "a dog on a bench", blend_target_words=["dog"])
     with torch.inference_mode():
-        out = comfy.direct_inversion(counted, inversion, conds["target"], conds["negative"], cfg=7.5, editor=editor)
+        out = comfy_backend.direct_inversion(counted, inversion, conds["target"], conds["negative"], cfg=7.5,
+                                             editor=editor)
     assert sum(samples) == 3 * (STEPS - 1)  # the last DDIM step is zero-length and not evaluated
     assert out.offsets.offsets is None
 
 
-def test_nothing_stays_patched(comfy, editors, model, conds, inverted):
+def test_nothing_stays_patched(comfy_backend, editors, model, conds, inverted):
     _, inversion = inverted
     before = copy.deepcopy(model.model_options)
     editor = p2p(editors, "a cat on a bench", "a dog on a bench")
     with torch.inference_mode():
-        comfy.direct_inversion(model, inversion, conds["target"], conds["negative"], cfg=7.5, editor=editor)
+        comfy_backend.direct_inversion(model, inversion, conds["target"], conds["negative"], cfg=7.5, editor=editor)
     assert model.model_options == before
     broken = p2p(editors, "a cat on a bench", "a dog on a bench", mask=torch.ones(3, 16, 16), blend_start=0.5)
     with pytest.raises(ValueError, match="mask has batch 3"), torch.inference_mode():
-        comfy.direct_inversion(model, inversion, conds["target"], conds["negative"], cfg=7.5, editor=broken)
+        comfy_backend.direct_inversion(model, inversion, conds["target"], conds["negative"], cfg=7.5, editor=broken)
     assert model.model_options == before
     # the model samples as before: a plain edit equals one made before any editor ran
     with torch.inference_mode():
-        a = comfy.direct_inversion(model, inversion, conds["target"], conds["negative"], cfg=7.5)
-        b = comfy.direct_inversion(model.clone(), inversion, conds["target"], conds["negative"], cfg=7.5)
+        a = comfy_backend.direct_inversion(model, inversion, conds["target"], conds["negative"], cfg=7.5)
+        b = comfy_backend.direct_inversion(model.clone(), inversion, conds["target"], conds["negative"], cfg=7.5)
     assert torch.equal(a.edited, b.edited)
 
 
-def test_existing_attention_patch_still_acts(comfy, editors, model, conds, inverted):
+def test_existing_attention_patch_still_acts(comfy_backend, editors, model, conds, inverted):
     """An attn2 replace patch applied upstream runs wherever the editor does not take over."""
     _, inversion = inverted
     calls = []
@@ -138,13 +127,13 @@ def test_existing_attention_patch_still_acts(comfy, editors, model, conds, inver
     patched.set_model_attn2_replace(upstream, "output", 3, 0)
     editor = p2p(editors, "a cat on a bench", "a dog on a bench", cross_replace_steps=0.0, self_replace_steps=0.0)
     with torch.inference_mode():
-        comfy.direct_inversion(patched, inversion, conds["target"], conds["negative"], cfg=7.5, editor=editor)
+        comfy_backend.direct_inversion(patched, inversion, conds["target"], conds["negative"], cfg=7.5, editor=editor)
     assert calls and all(block == ("output", 3) for block in calls)
 
 
-def test_sdxl_family(comfy, editors):
+def test_sdxl_family(comfy_backend, editors):
     model = T.tiny_comfy_sdxl()
-    layers = comfy.attention_layers(model)
+    layers = comfy_backend.attention_layers(model)
     assert {(layer.place, layer.factor) for layer in layers.values()} == {("down", 2), ("mid", 2), ("up", 2)}
     source, target, negative = T.sdxl_conditioning(1), T.sdxl_conditioning(2), T.sdxl_conditioning(3)
     latent = model.model.process_latent_out(T.image_like_latent())
@@ -152,9 +141,9 @@ def test_sdxl_family(comfy, editors):
                                      self_replace_steps=1.0, blend_target_words=["motorbike"],
                                      blend_threshold=0.9), record=True)
     with torch.inference_mode():
-        inversion = comfy.invert(model, latent, source, negative, steps=STEPS).inversion
-        plain = comfy.direct_inversion(model, inversion, target, negative, cfg=7.5)
-        out = comfy.direct_inversion(model, inversion, target, negative, cfg=7.5, editor=editor)
+        inversion = comfy_backend.invert(model, latent, source, negative, steps=STEPS).inversion
+        plain = comfy_backend.direct_inversion(model, inversion, target, negative, cfg=7.5)
+        out = comfy_backend.direct_inversion(model, inversion, target, negative, cfg=7.5, editor=editor)
     assert (out.source - latent).abs().max().item() <= 1e-5 * latent.abs().max().item()
     assert ((out.edited - plain.edited) ** 2).mean() > 1e-6 * latent.var()
     assert out.editor_state.blend_masks
@@ -230,11 +219,12 @@ def test_p2p_editor_node(node_classes, editors):
         node.execute(clip, "a cat", "a dog", **{**defaults, "blend_target_words": "horse"})
 
 
-def test_attention_maps_image(comfy, editors, node_classes, model, conds, inverted):
+def test_attention_maps_image(comfy_backend, editors, node_classes, model, conds, inverted):
     _, inversion = inverted
     editor = p2p(editors, "a cat on a bench", "a dog on a bench")
     with torch.inference_mode():
-        out = comfy.direct_inversion(model, inversion, conds["target"], conds["negative"], cfg=7.5, editor=editor)
+        out = comfy_backend.direct_inversion(model, inversion, conds["target"], conds["negative"], cfg=7.5,
+                                             editor=editor)
     words = out.editor_state.word_maps("target")
     assert [w for w, _ in words] == ["a", "dog", "on", "a", "bench"]
     image = node_classes.maps_image(out.editor_state, tile=64)

@@ -14,21 +14,8 @@ import di_testing as T
 
 VOCAB = {"a": [1], "cat": [2], "dog": [3], "fluffy": [4, 5], "sitting": [6], "on": [7], "bench": [8],
          "motorbike": [9, 10]}
-STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def backend(pack):
-    from comfyui_direct_inversion.adapters import diffusers_backend
-
-    return diffusers_backend
-
-
-@pytest.fixture(scope="module")
-def editors(pack):
-    from comfyui_direct_inversion import editors
-
-    return editors
+STEPS = T.EDIT_STEPS
+run = T.diffusers_edit
 
 
 def tok(editors, text):
@@ -39,25 +26,11 @@ def p2p(editors, source, target, **options):
     return editors.prompt_to_prompt(tok(editors, source), tok(editors, target), max_tokens=T.TOKENS, **options)
 
 
-@pytest.fixture(scope="module")
-def setup(backend, tiny_unet):
-    s = {"unet": tiny_unet, "scheduler": T.sd_scheduler(), "z0": T.image_like_latent(),
-         "source": T.prompt_embeds(1), "target": T.prompt_embeds(2), "null": T.prompt_embeds(3)}
-    s["ddim"] = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=STEPS)
-    return s
-
-
-def run(backend, setup, target, editor=None, inversion=None, cfg=7.5, **kw):
-    s = setup
-    return backend.edit(s["unet"], s["scheduler"], inversion or s["ddim"], target, s["null"], cfg=cfg, editor=editor,
-                        **kw)
-
-
 def mse(a, b):
     return ((a - b) ** 2).mean().item()
 
 
-def test_identity_edit_with_full_replacement_is_closer_to_the_source(backend, editors, setup):
+def test_identity_edit_with_full_replacement_is_closer_to_the_source(diffusers_backend, editors, edit_setup):
     editor = p2p(editors, "a cat sitting on a bench", "a cat sitting on a bench", cross_replace_steps=1.0,
                  self_replace_steps=1.0)
     # Guidance 3: the target branch drifts from the image on its own (DDIM inverted at guidance 1) and the source's
@@ -65,23 +38,23 @@ def test_identity_edit_with_full_replacement_is_closer_to_the_source(backend, ed
     # attention is a small part of the network, at guidance 7.5 the amplified mismatch between the edited
     # conditional and the unedited unconditional half outweighs that pull (measured: 0.0649 -> 0.0662), so the
     # test reads the editor's effect at a guidance where it is not drowned.
-    plain = run(backend, setup, setup["source"], cfg=3.0)
-    edited = run(backend, setup, setup["source"], editor, cfg=3.0)
-    assert torch.equal(edited.source, setup["z0"])  # Direct Inversion: the reconstruction is exact
-    assert mse(edited.edited, setup["z0"]) < 0.98 * mse(plain.edited, setup["z0"])
+    plain = run(edit_setup, edit_setup["source"], cfg=3.0)
+    edited = run(edit_setup, edit_setup["source"], editor, cfg=3.0)
+    assert torch.equal(edited.source, edit_setup["z0"])  # Direct Inversion: the reconstruction is exact
+    assert mse(edited.edited, edit_setup["z0"]) < 0.98 * mse(plain.edited, edit_setup["z0"])
 
 
-def test_replace_target_cross_attention_is_the_mapped_source_attention(backend, editors, setup):
+def test_replace_target_cross_attention_is_the_mapped_source_attention(diffusers_backend, editors, edit_setup):
     # "motorbike" is two tokens for one: the mapper spreads "cat"'s map over both and shifts the rest
     editor = dataclasses.replace(p2p(editors, "a cat on a bench", "a motorbike on a bench", cross_replace_steps=1.0,
                                      self_replace_steps=1.0), record=True)
-    out = run(backend, setup, setup["target"], editor)
+    out = run(edit_setup, edit_setup["target"], editor)
     records = out.editor_state.records
     mapper = editor.cross_mapping()[1][:T.TOKENS, :T.TOKENS]
     assert not torch.equal(mapper, torch.eye(T.TOKENS))
     source = {(r["step"], r["layer"].key): r["probs"] for r in records if r["branch"] == "source"}
     target = {(r["step"], r["layer"].key): r["probs"] for r in records if r["branch"] == "target"}
-    cross_layers = [layer for layer in backend.attention_layers(setup["unet"]).values() if layer.cross]
+    cross_layers = [layer for layer in diffusers_backend.attention_layers(edit_setup["unet"]).values() if layer.cross]
     assert set(target) == {(n, layer.key) for n in range(STEPS - 1) for layer in cross_layers}  # last step: no eval
     for key, probs in target.items():
         expected = torch.einsum("bhpw,wn->bhpn", source[key], mapper)
@@ -90,35 +63,35 @@ def test_replace_target_cross_attention_is_the_mapped_source_attention(backend, 
         torch.testing.assert_close(probs[..., 2], source[key][..., 2] / 2, rtol=0, atol=1e-6)
 
 
-def test_reweight_one_is_a_no_op_and_zero_removes_the_word(backend, editors, setup):
+def test_reweight_one_is_a_no_op_and_zero_removes_the_word(diffusers_backend, editors, edit_setup):
     base = p2p(editors, "a cat on a bench", "a dog on a bench", cross_replace_steps=1.0, self_replace_steps=0.5)
     ones = p2p(editors, "a cat on a bench", "a dog on a bench", cross_replace_steps=1.0, self_replace_steps=0.5,
                reweight=[("dog", 1.0)])
     zero = dataclasses.replace(p2p(editors, "a cat on a bench", "a dog on a bench", cross_replace_steps=1.0,
                                    self_replace_steps=0.5, reweight=[("dog", 0.0)]), record=True)
-    out_base, out_ones = run(backend, setup, setup["target"], base), run(backend, setup, setup["target"], ones)
+    out_base, out_ones = run(edit_setup, edit_setup["target"], base), run(edit_setup, edit_setup["target"], ones)
     assert torch.equal(out_ones.edited, out_base.edited)
-    out_zero = run(backend, setup, setup["target"], zero)
+    out_zero = run(edit_setup, edit_setup["target"], zero)
     target = [r["probs"] for r in out_zero.editor_state.records if r["branch"] == "target"]
     assert target and all(torch.all(p[..., 2] == 0) for p in target)  # "dog" is token 2
     assert all(p[..., 1].abs().sum() > 0 for p in target)
     assert mse(out_zero.edited, out_base.edited) > 1e-6
 
 
-def _trajectory(backend, setup, editor, **kw):
+def _trajectory(edit_setup, editor, **kw):
     steps = []
-    out = run(backend, setup, setup["target"], editor, callback=lambda info: steps.append(
+    out = run(edit_setup, edit_setup["target"], editor, callback=lambda info: steps.append(
         (info["i"], info["x_source"].clone(), info["x_target"].clone())), **kw)
     return out, steps
 
 
-def test_local_blend_keeps_the_source_outside_the_mask(backend, editors, setup):
+def test_local_blend_keeps_the_source_outside_the_mask(diffusers_backend, editors, edit_setup):
     mask = torch.zeros(1, 16, 16)
     mask[:, 4:12, 2:9] = 1.0
     editor = p2p(editors, "a cat on a bench", "a dog on a bench", blend_start=0.3, mask=mask)
-    out, steps = _trajectory(backend, setup, editor)
+    out, steps = _trajectory(edit_setup, editor)
     start = int(0.3 * STEPS)
-    outside = mask[:, None].expand_as(setup["z0"]) == 0
+    outside = mask[:, None].expand_as(edit_setup["z0"]) == 0
     for i, x_src, x_tgt in steps:
         if i >= start:
             assert torch.equal(x_tgt[outside], x_src[outside]), i
@@ -127,12 +100,12 @@ def test_local_blend_keeps_the_source_outside_the_mask(backend, editors, setup):
     assert not torch.equal(out.edited[~outside], out.source[~outside])  # inside, the edit acts
 
 
-def test_local_blend_with_words_keeps_the_source_outside_their_attention(backend, editors, setup):
+def test_local_blend_with_words_keeps_the_source_outside_their_attention(diffusers_backend, editors, edit_setup):
     # a random UNet's cross-attention is nearly uniform over the image (each word's normalised map lies in
     # [0.75, 1]), so the reference threshold 0.3 selects everything; 0.9 selects a part
     editor = dataclasses.replace(p2p(editors, "a cat on a bench", "a dog on a bench", blend_source_words=["cat"],
                                      blend_target_words=["dog"], blend_threshold=0.9), record=True)
-    out, steps = _trajectory(backend, setup, editor)
+    out, steps = _trajectory(edit_setup, editor)
     masks = dict(out.editor_state.blend_masks)
     assert sorted(masks) == list(range(int(0.2 * STEPS), STEPS))
     for i, x_src, x_tgt in steps:
@@ -156,15 +129,16 @@ def test_clear_errors(editors):
 
 
 @pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
-def test_every_inversion_method_with_p2p(backend, editors, setup, method):
-    s = setup
+def test_every_inversion_method_with_p2p(diffusers_backend, editors, edit_setup, method):
+    s = edit_setup
     options = {"inner_steps": 2} if method == "null_text" else None
-    inversion = backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=STEPS, method=method,
+    inversion = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=STEPS,
+                                         method=method,
                                options=options)
     editor = p2p(editors, "a cat on bench", "a fluffy cat on bench", blend_target_words=["fluffy cat"])
     assert editor.mode == "refine"
-    plain = run(backend, s, s["target"], inversion=inversion)
-    out = run(backend, s, s["target"], editor, inversion=inversion)
+    plain = run(s, s["target"], inversion=inversion)
+    out = run(s, s["target"], editor, inversion=inversion)
     assert torch.isfinite(out.edited).all()
     if method == "edict":
         torch.testing.assert_close(out.source.float(), s["z0"], rtol=0, atol=1e-4)  # exact up to float32 UNet
@@ -181,29 +155,29 @@ class SampleCounter:
                                                      with_kwargs=True)
 
 
-def test_at_most_three_unet_samples_per_edit_step(backend, editors, setup):
+def test_at_most_three_unet_samples_per_edit_step(diffusers_backend, editors, edit_setup):
     editor = p2p(editors, "a cat on a bench", "a dog on a bench", blend_target_words=["dog"])
-    counter = SampleCounter(setup["unet"])
+    counter = SampleCounter(edit_setup["unet"])
     try:
-        out = run(backend, setup, setup["target"], editor)
+        out = run(edit_setup, edit_setup["target"], editor)
     finally:
         counter.handle.remove()
     evaluated_steps = STEPS - 1  # the last DDIM step is zero-length
     assert sum(counter.samples) == 3 * evaluated_steps
     assert out.offsets is None  # the source's guided prediction (and so its offset) is never computed
-    assert torch.equal(out.source, setup["z0"])
-    counter = SampleCounter(setup["unet"])
+    assert torch.equal(out.source, edit_setup["z0"])
+    counter = SampleCounter(edit_setup["unet"])
     try:
-        run(backend, setup, setup["target"], editor, offsets="both")  # the target needs the guided offsets
+        run(edit_setup, edit_setup["target"], editor, offsets="both")  # the target needs the guided offsets
     finally:
         counter.handle.remove()
     assert sum(counter.samples) == 4 * evaluated_steps
 
 
-def test_processors_come_back_after_an_error(backend, editors, setup):
-    before = dict(setup["unet"].attn_processors)
+def test_processors_come_back_after_an_error(diffusers_backend, editors, edit_setup):
+    before = dict(edit_setup["unet"].attn_processors)
     editor = p2p(editors, "a cat on a bench", "a dog on a bench", mask=torch.ones(3, 16, 16))  # wrong batch
 
     with pytest.raises(ValueError, match="mask has batch 3"):
-        run(backend, setup, setup["target"], editor)
-    assert setup["unet"].attn_processors == before
+        run(edit_setup, edit_setup["target"], editor)
+    assert edit_setup["unet"].attn_processors == before

@@ -82,3 +82,16 @@ def edit_setup(diffusers_backend, tiny_unet):
          "target": di_testing.prompt_embeds(2), "null": di_testing.prompt_embeds(3)}
     s["ddim"] = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=di_testing.EDIT_STEPS)
     return s
+
+
+@pytest.fixture(scope="module")
+def model(comfy_backend, tiny_unet):
+    """A ComfyUI SD1.5-family ModelPatcher with the tiny diffusers UNet's weights (one per test module)."""
+    return di_testing.comfy_model_from_diffusers(tiny_unet)
+
+
+@pytest.fixture(scope="session")
+def conds():
+    """ComfyUI conditioning of the toy source, target and negative prompts."""
+    return {name: di_testing.comfy_conditioning(di_testing.prompt_embeds(seed)) for name, seed in
+            (("source", 1), ("target", 2), ("negative", 3))}

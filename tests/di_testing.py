@@ -128,6 +128,14 @@ def diffusers_edit(setup: dict, target, editor=None, inversion=None, cfg: float 
                              editor=editor, **kw)
 
 
+def invert_with(setup: dict, method: str, steps: int = EDIT_STEPS):
+    """``edit_setup``'s latent inverted with ``method`` (null-text with 2 inner steps, to stay quick)."""
+    s = setup
+    options = {"inner_steps": 2} if method == "null_text" else None
+    return s["backend"].invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=steps, method=method,
+                               options=options)
+
+
 def comfy_model_from_diffusers(unet, v_prediction: bool = False):
     """A ComfyUI SD1.5-family ModelPatcher with the diffusers UNet's weights (ComfyUI's own key map)."""
     import comfy.model_management

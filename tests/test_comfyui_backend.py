@@ -7,17 +7,6 @@ import torch
 import di_testing as T
 
 
-@pytest.fixture(scope="module")
-def model(comfy_backend, tiny_unet):
-    return T.comfy_model_from_diffusers(tiny_unet)
-
-
-@pytest.fixture(scope="module")
-def conds():
-    return {name: T.comfy_conditioning(T.prompt_embeds(seed)) for name, seed in
-            (("source", 1), ("target", 2), ("negative", 3))}
-
-
 def raw_latent(model, z0):
     """The LATENT samples (raw VAE scale) whose model-space latent is z0."""
     return model.model.process_latent_out(z0)

@@ -62,13 +62,13 @@ def _nan_latent():
 
 TEST_NODES = {
     "DITest_TinySD15": input_free_node("TinySD15", "A tiny SD1.5-family model, VAE and three prompts' conditioning.",
-                                 ("MODEL", "VAE", "CONDITIONING", "CONDITIONING", "CONDITIONING"), _tiny_sd15),
+                                       ("MODEL", "VAE", "CONDITIONING", "CONDITIONING", "CONDITIONING"), _tiny_sd15),
     "DITest_TinyClip": input_free_node("TinyClip", "A CLIP with SD1.x's real tokenizer and a tiny random text model.",
-                                 ("CLIP",), lambda: (T.tiny_comfy_clip(),)),
+                                       ("CLIP",), lambda: (T.tiny_comfy_clip(),)),
     "DITest_TinySDXL": input_free_node("TinySDXL", "A tiny SDXL-family model, VAE and CLIP (both tokenizers real).",
-                                 ("MODEL", "VAE", "CLIP"),
-                                 lambda: (T.tiny_comfy_sdxl(pooled_dim=T.CONTEXT_DIM // 2), T.tiny_comfy_vae(),
-                                          T.tiny_comfy_sdxl_clip())),
+                                       ("MODEL", "VAE", "CLIP"),
+                                       lambda: (T.tiny_comfy_sdxl(pooled_dim=T.CONTEXT_DIM // 2), T.tiny_comfy_vae(),
+                                                T.tiny_comfy_sdxl_clip())),
     "DITest_NaNLatent": input_free_node("NaNLatent", "A LATENT with a NaN in it.", ("LATENT",), _nan_latent),
 }
 
@@ -288,6 +288,24 @@ def test_options_of_another_method_are_refused(comfy_env):
     assert errors and "options are for edict but the method is ddim" in errors[0]["exception_message"]
 
 
+def editor_graph(method: str, editor_node: str, editor_inputs: dict, steps: int = 10) -> dict:
+    """The edit graph with a CLIP -> editor node (21) giving Invert its source and the sampler its target and editor,
+    an empty-prompt negative (22) and the method's options node (12)."""
+    graph = edit_graph(steps=steps)
+    for node in ("8", "9", "10", "11"):
+        graph.pop(node)
+    graph["20"] = {"class_type": "DITest_TinyClip", "inputs": {}}
+    graph["21"] = {"class_type": editor_node, "inputs": {"clip": ["20", 0], **editor_inputs}}
+    graph["22"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["20", 0], "text": ""}}
+    graph["4"]["inputs"].update(source=["21", 1], negative=["22", 0], method=method)
+    graph["5"]["inputs"].update(target=["21", 2], negative=["22", 0], editor=["21", 0])
+    if method in METHOD_OPTIONS:
+        node, values = METHOD_OPTIONS[method]
+        graph["12"] = {"class_type": node, "inputs": values}
+        graph["4"]["inputs"]["options"] = ["12", 0]
+    return graph
+
+
 P2P_INPUTS = {"source_prompt": "a cat sitting on a bench", "target_prompt": "a fluffy dog sitting on a bench",
               "mode": "auto", "cross_replace_steps": 0.4, "self_replace_steps": 0.6, "reweight_words": "fluffy",
               "reweight_values": "1.5", "blend_source_words": "cat", "blend_target_words": "fluffy dog",
@@ -299,18 +317,7 @@ def test_every_method_with_the_p2p_editor_in_the_executor(comfy_env, method):
     """CLIP -> P2P Editor -> (source) Invert, (target, editor) Direct Inversion Sampler -> VAE Decode, plus the
     attention-map image, as a user wires it."""
     _, output_dir = comfy_env
-    graph = edit_graph(steps=10)
-    for node in ("8", "9", "10", "11"):
-        graph.pop(node)
-    graph["20"] = {"class_type": "DITest_TinyClip", "inputs": {}}
-    graph["21"] = {"class_type": "DirectInversion_P2PEditor", "inputs": {"clip": ["20", 0], **P2P_INPUTS}}
-    graph["22"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["20", 0], "text": ""}}
-    graph["4"]["inputs"].update(source=["21", 1], negative=["22", 0], method=method)
-    graph["5"]["inputs"].update(target=["21", 2], negative=["22", 0], editor=["21", 0])
-    if method in METHOD_OPTIONS:
-        node, values = METHOD_OPTIONS[method]
-        graph["12"] = {"class_type": node, "inputs": values}
-        graph["4"]["inputs"]["options"] = ["12", 0]
+    graph = editor_graph(method, "DirectInversion_P2PEditor", P2P_INPUTS)
     graph["23"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 3], "filename_prefix": f"maps_{method}"}}
     executor, _, validation = run_prompt(graph)
     assert validation[0], validation
@@ -333,18 +340,7 @@ MASACTRL_INPUTS = {"source_prompt": "", "target_prompt": "a photo of a cat jumpi
 @pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
 def test_every_method_with_the_masactrl_editor_in_the_executor(comfy_env, method):
     """CLIP -> MasaCtrl Editor (empty source prompt, as the PnP Inversion runs) -> Invert / Direct Inversion Sampler."""
-    graph = edit_graph(steps=10)
-    for node in ("8", "9", "10", "11"):
-        graph.pop(node)
-    graph["20"] = {"class_type": "DITest_TinyClip", "inputs": {}}
-    graph["21"] = {"class_type": "DirectInversion_MasaCtrlEditor", "inputs": {"clip": ["20", 0], **MASACTRL_INPUTS}}
-    graph["22"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["20", 0], "text": ""}}
-    graph["4"]["inputs"].update(source=["21", 1], negative=["22", 0], method=method)
-    graph["5"]["inputs"].update(target=["21", 2], negative=["22", 0], editor=["21", 0])
-    if method in METHOD_OPTIONS:
-        node, values = METHOD_OPTIONS[method]
-        graph["12"] = {"class_type": node, "inputs": values}
-        graph["4"]["inputs"]["options"] = ["12", 0]
+    graph = editor_graph(method, "DirectInversion_MasaCtrlEditor", MASACTRL_INPUTS)
     executor, _, validation = run_prompt(graph)
     assert validation[0], validation
     assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]

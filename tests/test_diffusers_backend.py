@@ -98,7 +98,7 @@ def test_batches_of_images(diffusers_backend, tiny_unet, scheduler, prompts):
     assert (out.source - z0).abs().max().item() <= 1e-5
     single = diffusers_backend.edit(tiny_unet, scheduler, diffusers_backend.invert(tiny_unet, scheduler, z0[1:],
                                                                                    prompts["source"], steps=10),
-                          prompts["target"], prompts["negative"], cfg=7.5)
+                                    prompts["target"], prompts["negative"], cfg=7.5)
     assert torch.allclose(out.edited[1:], single.edited, atol=1e-4)
 
 
@@ -110,7 +110,7 @@ def test_errors_name_the_problem(diffusers_backend, tiny_unet, scheduler, prompt
         diffusers_backend.edit(other, scheduler, inv, prompts["target"], prompts["negative"])
     with pytest.raises(ValueError, match=r"shape \(2, 4, 16, 16\).*\(1, 4, 16, 16\)"):
         diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["target"], prompts["negative"],
-                     x_target=torch.zeros(2, 4, 16, 16))
+                               x_target=torch.zeros(2, 4, 16, 16))
     with pytest.raises(ValueError, match="needs negative prompt embeddings"):
         diffusers_backend.edit(tiny_unet, scheduler, inv, prompts["target"], None, cfg=7.5)
     with pytest.raises(ValueError, match="at least 1"):

@@ -118,10 +118,7 @@ def test_automatic_mask_from_words(diffusers_backend, editors, edit_setup):
 @pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
 def test_every_method(diffusers_backend, editors, edit_setup, method):
     s = edit_setup
-    options = {"inner_steps": 2} if method == "null_text" else None
-    inversion = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=STEPS,
-                                         method=method,
-                               options=options)
+    inversion = T.invert_with(s, method)
     plain = run(s, s["target"], inversion=inversion)
     out = run(s, s["target"], editors.MasaCtrlEditor(start_step=2, start_layer=1), inversion=inversion)
     if method == "edict":
@@ -149,7 +146,7 @@ def test_comfyui_agrees_with_diffusers_and_leaves_no_patch(comfy_backend, editor
         with torch.inference_mode():
             inv = comfy_backend.invert(model, model.model.process_latent_out(edit_setup["z0"]), conds["source"],
                                        conds["null"],
-                               steps=STEPS)
+                                       steps=STEPS)
             out = comfy_backend.direct_inversion(model, inv.inversion, conds["target"], conds["null"], cfg=7.5,
                                                  editor=editor)
         expected = run(edit_setup, edit_setup["target"], editor)

@@ -19,12 +19,6 @@ def inference_model(comfy_backend, tiny_unet):
 
 
 @pytest.fixture(scope="module")
-def conds():
-    return {name: T.comfy_conditioning(T.prompt_embeds(seed)) for name, seed in
-            (("source", 1), ("target", 2), ("negative", 3))}
-
-
-@pytest.fixture(scope="module")
 def latent(inference_model):
     return inference_model.model.process_latent_out(T.image_like_latent())
 

@@ -89,9 +89,9 @@ def test_negative_prompt_interpolation_and_proximal_guidance(diffusers_backend, 
     plain = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10,
                                      method="negative_prompt")
     prox = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10, method="negative_prompt",
-                          options={"proximal": "l0", "quantile": 0.75})
+                                    options={"proximal": "l0", "quantile": 0.75})
     half = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=10, method="negative_prompt",
-                          options={"interpolation": 0.5})
+                                    options={"interpolation": 0.5})
     edits = [diffusers_backend.edit(s["unet"], s["scheduler"], inv, s["target"], s["null"], cfg=7.5).edited
              for inv in (plain, prox, half)]
     assert all(torch.isfinite(e).all() for e in edits)
@@ -99,7 +99,7 @@ def test_negative_prompt_interpolation_and_proximal_guidance(diffusers_backend, 
     assert not torch.allclose(edits[0], edits[2], atol=1e-4)  # so does interpolating toward the null prompt
     with pytest.raises(ValueError, match="proximal guidance must be one of"):
         diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], steps=4, method="negative_prompt",
-                       options={"proximal": "l2"})
+                                 options={"proximal": "l2"})
 
 
 def test_proximal_delta_matches_the_reference_formula(core):
@@ -124,7 +124,7 @@ def test_edict_reconstructs_exactly_thanks_to_float64_bookkeeping(diffusers_back
     # the same inversion and regeneration with float32 bookkeeping
     denoiser = diffusers_backend.DiffusersDenoiser(s["unet"], s["scheduler"], {"source": s["source"],
                                                                                "target": s["source"]},
-                                         s["null"], 3.0)
+                                                   s["null"], 3.0)
     options = core.EdictOptions()
     x32, y32 = core.invert_edict(denoiser, s["z0"], inv.sigmas, options, dtype=torch.float32)
     out32 = core.sample_edict(denoiser, x32[-1], y32[-1], inv.sigmas, options, dtype=torch.float32)

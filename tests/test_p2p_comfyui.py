@@ -21,17 +21,6 @@ def p2p(editors, source, target, **options):
 
 
 @pytest.fixture(scope="module")
-def model(comfy_backend, tiny_unet):
-    return T.comfy_model_from_diffusers(tiny_unet)
-
-
-@pytest.fixture(scope="module")
-def conds():
-    return {name: T.comfy_conditioning(T.prompt_embeds(seed)) for name, seed in
-            (("source", 1), ("target", 2), ("negative", 3))}
-
-
-@pytest.fixture(scope="module")
 def inverted(comfy_backend, model, conds):
     z0 = T.image_like_latent()
     latent = model.model.process_latent_out(z0)
@@ -53,7 +42,7 @@ def test_backends_agree_with_p2p(comfy_backend, editors, tiny_unet, model, conds
         inv_c = comfy_backend.invert(model, model.model.process_latent_out(z0), conds["source"], conds["negative"],
                                      steps=STEPS)
         out_c = comfy_backend.direct_inversion(model, inv_c.inversion, conds["target"], conds["negative"], cfg=7.5,
-                                       editor=editor)
+                                               editor=editor)
     inv_d = diffusers_backend.invert(tiny_unet, scheduler, z0, embeds["source"], steps=STEPS)
     out_d = diffusers_backend.edit(tiny_unet, scheduler, inv_d, embeds["target"], embeds["negative"], cfg=7.5,
                                    editor=editor)

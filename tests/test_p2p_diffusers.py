@@ -131,10 +131,7 @@ def test_clear_errors(editors):
 @pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
 def test_every_inversion_method_with_p2p(diffusers_backend, editors, edit_setup, method):
     s = edit_setup
-    options = {"inner_steps": 2} if method == "null_text" else None
-    inversion = diffusers_backend.invert(s["unet"], s["scheduler"], s["z0"], s["source"], s["null"], steps=STEPS,
-                                         method=method,
-                               options=options)
+    inversion = T.invert_with(s, method)
     editor = p2p(editors, "a cat on bench", "a fluffy cat on bench", blend_target_words=["fluffy cat"])
     assert editor.mode == "refine"
     plain = run(s, s["target"], inversion=inversion)

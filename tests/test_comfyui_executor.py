@@ -116,6 +116,16 @@ def output_of(executor, node_id: str, index: int):
     return executor.caches.outputs.get(node_id)[index][0]
 
 
+def run_edit(graph: dict):
+    """Run an edit graph that must succeed; return (executor, VAEEncode's latent (node 3), the sampler's (node 5)
+    edited and source_reconstruction latents)."""
+    executor, _, validation = run_prompt(graph)
+    assert validation[0], validation
+    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    samples = [output_of(executor, node, i)["samples"] for node, i in (("3", 0), ("5", 0), ("5", 1))]
+    return (executor, *samples)
+
+
 def edit_graph(steps=10, offsets="source", cfg=7.5):
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "di_test.png"}},
@@ -258,11 +268,7 @@ def test_every_method_saves_loads_and_edits_in_the_executor(comfy_env, method):
         graph["4"]["inputs"]["options"] = ["12", 0]
     graph["13"] = {"class_type": "DirectInversion_SaveInversion",
                    "inputs": {"inversion": ["4", 0], "filename_prefix": f"test_{method}"}}
-    executor, _, validation = run_prompt(graph)
-    assert validation[0], validation
-    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
-    encoded = output_of(executor, "3", 0)["samples"]
-    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    executor, encoded, edited, source = run_edit(graph)
     assert torch.isfinite(edited).all() and edited.shape == encoded.shape
     assert (source - encoded).abs().max().item() <= 1e-4  # exact up to the VAE latent scale (x 1/0.18215)
     saved = sorted((output_dir / "inversions").glob(f"test_{method}_*.safetensors"))
@@ -319,11 +325,7 @@ def test_every_method_with_the_p2p_editor_in_the_executor(comfy_env, method):
     _, output_dir = comfy_env
     graph = editor_graph(method, "DirectInversion_P2PEditor", P2P_INPUTS)
     graph["23"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 3], "filename_prefix": f"maps_{method}"}}
-    executor, _, validation = run_prompt(graph)
-    assert validation[0], validation
-    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
-    encoded = output_of(executor, "3", 0)["samples"]
-    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    executor, encoded, edited, source = run_edit(graph)
     assert torch.isfinite(edited).all() and edited.shape == encoded.shape
     assert (source - encoded).abs().max().item() <= 1e-4
     assert (edited - source).abs().max().item() > 1e-3
@@ -341,11 +343,7 @@ MASACTRL_INPUTS = {"source_prompt": "", "target_prompt": "a photo of a cat jumpi
 def test_every_method_with_the_masactrl_editor_in_the_executor(comfy_env, method):
     """CLIP -> MasaCtrl Editor (empty source prompt, as the PnP Inversion runs) -> Invert / Direct Inversion Sampler."""
     graph = editor_graph(method, "DirectInversion_MasaCtrlEditor", MASACTRL_INPUTS)
-    executor, _, validation = run_prompt(graph)
-    assert validation[0], validation
-    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
-    encoded = output_of(executor, "3", 0)["samples"]
-    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    _, encoded, edited, source = run_edit(graph)
     assert torch.isfinite(edited).all() and (source - encoded).abs().max().item() <= 1e-4
     assert (edited - source).abs().max().item() > 1e-3
 
@@ -382,10 +380,6 @@ def test_editors_on_an_sdxl_family_model_in_the_executor(comfy_env, editor):
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["2", 1]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"sdxl_{editor}"}},
     }
-    executor, _, validation = run_prompt(graph)
-    assert validation[0], validation
-    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
-    encoded = output_of(executor, "3", 0)["samples"]
-    edited, source = output_of(executor, "5", 0)["samples"], output_of(executor, "5", 1)["samples"]
+    _, encoded, edited, source = run_edit(graph)
     assert torch.isfinite(edited).all() and (source - encoded).abs().max().item() <= 1e-4 * encoded.abs().max().item()
     assert (edited - source).abs().max().item() > 1e-3

@@ -9,7 +9,6 @@ vae.config.scaling_factor``. Prompts are embeddings (``pipe.encode_prompt``'s ou
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Optional
 
@@ -21,7 +20,6 @@ from ..inversion import (
     DirectInversionResult,
     Inversion,
     StepCallback,
-    alpha_bar,
     autograd_weights,
     check_finite,
     ddim_sigmas,
@@ -63,15 +61,18 @@ class _UNet:
         self.v_prediction = prediction_type == "v_prediction"
         self.log_sigmas = train_sigmas(scheduler).log()
 
-    def timestep(self, sigma: torch.Tensor) -> int:
-        return int((self.log_sigmas - math.log(float(sigma))).abs().argmin())
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The training timestep nearest ``sigma``, as a 0-dim tensor on sigma's device (no host round trip)."""
+        if self.log_sigmas.device != sigma.device:
+            self.log_sigmas = self.log_sigmas.to(sigma.device)
+        return (self.log_sigmas - sigma.double().log()).abs().argmin()
 
     def eps(self, z: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         out = self.unet(z.to(self.unet.dtype), self.timestep(sigma),
                         encoder_hidden_states=embeds.to(self.unet.dtype)).sample.to(z.dtype)
-        if self.v_prediction:  # eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) z
-            a_t = alpha_bar(float(sigma))
-            out = math.sqrt(a_t) * out + math.sqrt(1.0 - a_t) * z
+        if self.v_prediction:  # eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) z, alpha_bar = 1 / (1 + sigma^2)
+            a_t = 1.0 / (1.0 + sigma.double() ** 2)
+            out = a_t.sqrt().to(z.dtype) * out + (1.0 - a_t).sqrt().to(z.dtype) * z
         return out
 
 

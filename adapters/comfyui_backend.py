@@ -29,7 +29,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..editors.attention import AttentionCall, layer_orders
+from ..editors.attention import AttentionCall, FeatureCall, layer_orders
 from ..inversion import (
     BRANCH_SOURCE,
     BRANCH_TARGET,
@@ -40,6 +40,7 @@ from ..inversion import (
     ddim_sigmas,
     edit,
     edit_guidance,
+    edit_source_conditioning,
     inversion_guidance,
     invert as core_invert,
     method_options,
@@ -47,7 +48,7 @@ from ..inversion import (
 )
 
 __all__ = ["BRANCH_OPTION", "LEVEL_OPTION", "DirectInversionOutput", "InvertOutput", "attention_layers",
-           "direct_inversion", "install_editor", "invert", "model_family", "model_fingerprint"]
+           "decoder_features", "direct_inversion", "install_editor", "invert", "model_family", "model_fingerprint"]
 
 log = logging.getLogger("DirectInversion")
 
@@ -226,9 +227,9 @@ def attention_layers(model) -> dict:
         for module in modules:
             if isinstance(module, SpatialTransformer):
                 for j, tb in enumerate(module.transformer_blocks):
-                    entries.append((("attn1",) + block + (j,), place, factor, False))
+                    entries.append((("attn1",) + block + (j,), place, factor, False, block[1]))
                     if getattr(tb, "attn2", None) is not None:
-                        entries.append((("attn2",) + block + (j,), place, factor, True))
+                        entries.append((("attn2",) + block + (j,), place, factor, True, block[1]))
 
     for i, block in enumerate(unet.input_blocks):
         add(("input", i), "down", block)
@@ -258,8 +259,7 @@ def _attention_patch(layer, controller, previous: Optional[Callable]):
         branch, level = extra_options.get(BRANCH_OPTION), extra_options.get(LEVEL_OPTION)
         if branch is None or level is None:
             return attend(q, k, v)
-        chunks = tuple("uncond" if c == 1 else "cond" for c in extra_options.get("cond_or_uncond", [0]))
-        call = AttentionCall(layer=layer, heads=heads, branch=branch, level=level, chunks=chunks)
+        call = AttentionCall(layer=layer, heads=heads, branch=branch, level=level, chunks=_call_chunks(extra_options))
         if not controller.wants(call):
             return attend(q, k, v)
         return controller.attention(q, k, v, call, attend)
@@ -267,9 +267,27 @@ def _attention_patch(layer, controller, previous: Optional[Callable]):
     return patch
 
 
+def decoder_features(model) -> dict:
+    """Decoder block index -> the last convolution of the block's residual block: its output is the block's residual
+    features before the skip connection is added (diffusers' ``resnets[i].conv2``)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    unet = model.model.diffusion_model
+    return {i: block[0].out_layers[-1] for i, block in enumerate(unet.output_blocks) if isinstance(block[0], ResBlock)}
+
+
+def _call_chunks(transformer_options: dict) -> tuple:
+    return tuple("uncond" if c == 1 else "cond" for c in transformer_options.get("cond_or_uncond", [0]))
+
+
 def install_editor(model, editor, steps: int, latent_shape):
-    """Start ``editor`` for a run and patch its attention hooks into ``model`` (a clone owned by the run) through
-    ComfyUI's attn1/attn2 replace patch points. Returns the editor's controller."""
+    """Start ``editor`` for a run and patch its hooks into ``model`` (a clone owned by the run): attention through
+    ComfyUI's attn1/attn2 replace patch points; decoder features (if the editor wants them) through an output-block
+    patch, which tells which prediction is running, and a forward hook on the block's last convolution.
+
+    Returns ``(controller, remove)``: the editor's per-run state, and a function that removes the forward hooks
+    (they sit on the shared diffusion model, not the clone: call it in ``finally``).
+    """
     layers = attention_layers(model)
     controller = editor.start(list(layers.values()), steps, latent_shape)
     replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {})
@@ -279,7 +297,38 @@ def install_editor(model, editor, steps: int, latent_shape):
         if previous is not None:
             log.info("[DirectInversion] the editor runs before an existing %s patch at %s.", name, block)
         model.set_model_patch_replace(_attention_patch(layer, controller, previous), name, block[0], block[1], block[2])
-    return controller
+    if not controller.feature_blocks:
+        return controller, lambda: None
+    features = decoder_features(model)
+    missing = sorted(set(controller.feature_blocks) - set(features))
+    if missing:
+        raise ValueError(f"The editor wants the features of decoder block(s) {missing}, but this UNet's decoder has "
+                         f"blocks 0 .. {len(model.model.diffusion_model.output_blocks) - 1}.")
+    pending = {}  # decoder block -> FeatureCall of the prediction that is about to run it
+
+    def output_block_patch(h, hsp, transformer_options):
+        place, index = transformer_options.get("block", (None, None))
+        branch, level = transformer_options.get(BRANCH_OPTION), transformer_options.get(LEVEL_OPTION)
+        if place == "output" and index in controller.feature_blocks:
+            pending[index] = None if branch is None or level is None else FeatureCall(
+                block=index, branch=branch, level=level, chunks=_call_chunks(transformer_options))
+        return h, hsp
+
+    def hook_for(index):
+        def hook(module, inputs, output):
+            call = pending.pop(index, None)
+            return None if call is None else controller.feature(output, call)
+        return hook
+
+    model.set_model_output_block_patch(output_block_patch)
+    handles = [features[index].register_forward_hook(hook_for(index)) for index in sorted(controller.feature_blocks)]
+
+    def remove():
+        for handle in handles:
+            handle.remove()
+        pending.clear()
+
+    return controller, remove
 
 
 class ComfyNullText:
@@ -459,7 +508,7 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
 
     def prepare(clone):
         if editor is not None:
-            held["controller"] = install_editor(clone, editor, inversion.steps, inversion.latent_shape)
+            held["controller"], held["remove"] = install_editor(clone, editor, inversion.steps, inversion.latent_shape)
 
     def run(denoiser, latent_image):
         device = latent_image.device
@@ -474,9 +523,13 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
         held["offsets"] = None if result.offsets is None else result.offsets.to(comfy.model_management.intermediate_device())
         return torch.cat([result.edited, result.source]).float()
 
-    samples = _run(model, {BRANCH_SOURCE: inversion.conditioning, BRANCH_TARGET: positive}, negative, guidance,
-                   BRANCH_TARGET, inversion.sigmas, inversion.latent_shape, run, level_contexts=level_contexts,
-                   proximal=proximal, prepare=prepare)
+    branches = {BRANCH_SOURCE: edit_source_conditioning(inversion, editor), BRANCH_TARGET: positive}
+    try:
+        samples = _run(model, branches, negative, guidance, BRANCH_TARGET, inversion.sigmas, inversion.latent_shape,
+                       run, level_contexts=level_contexts, proximal=proximal, prepare=prepare)
+    finally:
+        if "remove" in held:
+            held["remove"]()
     edited, source = samples.split(batch)
     trajectory = OffsetTrajectory(offsets=held["offsets"], sigmas=inversion.sigmas.flip(0),
                                   mode="off" if inversion.method == "edict" else offsets)

@@ -24,15 +24,16 @@ from ..inversion import (
     check_finite,
     ddim_sigmas,
     edit_guidance,
+    edit_source_conditioning,
     inversion_guidance,
     method_options,
     proximal_delta,
 )
-from ..editors.attention import AttentionCall, layer_orders
+from ..editors.attention import AttentionCall, FeatureCall, layer_orders
 from ..inversion import edit as core_edit
 from ..inversion import invert as core_invert
 
-__all__ = ["DiffusersDenoiser", "DiffusersNullText", "attention_layers", "edit", "editor_installed", "invert",
+__all__ = ["DiffusersDenoiser", "DiffusersNullText", "attention_layers", "decoder_features", "edit", "editor_installed", "invert",
            "model_family", "train_sigmas"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -91,21 +92,44 @@ def _layer_sort_key(name: str) -> tuple:
     return (place,) + numbers + (parts[-2],)
 
 
+def _block_starts(blocks, extra: int = 0) -> list[int]:
+    """Index of each diffusers block's first resnet among ComfyUI-style UNet blocks (one per resnet; ``extra``
+    adds one per down-sampler, as ComfyUI's input blocks hold down-samplers on their own)."""
+    starts, count = [], 0
+    for block in blocks:
+        starts.append(count)
+        count += len(block.resnets) + (extra if getattr(block, "downsamplers", None) else 0)
+    return starts
+
+
 def attention_layers(unet) -> dict:
-    """The UNet's attention layers by processor name, in forward order, located by resolution and place."""
+    """The UNet's attention layers by processor name, in forward order, located by resolution, place and block
+    (blocks counted as ComfyUI counts them: input block 0 is the input convolution, one block per resnet, one per
+    down-sampler)."""
     names = sorted(unet.attn_processors, key=_layer_sort_key)
     levels = len(unet.down_blocks)
+    down_starts = [1 + start for start in _block_starts(unet.down_blocks, extra=1)]
+    up_starts = _block_starts(unet.up_blocks)
     entries = []
     for name in names:
         parts = name.split(".")
         if parts[0] == "down_blocks":
             place, factor = "down", 2 ** int(parts[1])
+            block = down_starts[int(parts[1])] + int(parts[3])
         elif parts[0] == "mid_block":
-            place, factor = "mid", 2 ** (levels - 1)
+            place, factor, block = "mid", 2 ** (levels - 1), 0
         else:
             place, factor = "up", 2 ** (len(unet.up_blocks) - 1 - int(parts[1]))
-        entries.append((name, place, factor, parts[-2] == "attn2"))
+            block = up_starts[int(parts[1])] + int(parts[3])
+        entries.append((name, place, factor, parts[-2] == "attn2", block))
     return {layer.key: layer for layer in layer_orders(entries)}
+
+
+def decoder_features(unet) -> dict:
+    """Decoder block index -> its resnet's ``conv2``, whose output is the block's residual features before the skip
+    connection is added (ComfyUI's ``output_blocks[i][0].out_layers[-1]``)."""
+    starts = _block_starts(unet.up_blocks)
+    return {start + i: resnet.conv2 for start, block in zip(starts, unet.up_blocks) for i, resnet in enumerate(block.resnets)}
 
 
 class _EditorProcessor:
@@ -156,12 +180,31 @@ def editor_installed(unet, editor, steps: int, latent_shape):
     original = unet.attn_processors
     layers = attention_layers(unet)
     state = _CallState(editor.start(list(layers.values()), steps, latent_shape))
-    unet.set_attn_processor({name: _EditorProcessor(layer, state) for name, layer in layers.items()})
+    controller = state.controller
+    features = decoder_features(unet)
+    missing = sorted(set(controller.feature_blocks) - set(features))
+    if missing:
+        raise ValueError(f"The editor wants the features of decoder block(s) {missing}, but this UNet's decoder has "
+                         f"blocks 0 .. {len(features) - 1}.")
+
+    def hook_for(index):
+        def hook(module, inputs, output):
+            if state.branch is None:
+                return None
+            return controller.feature(output, FeatureCall(block=index, branch=state.branch, level=state.level,
+                                                          chunks=state.chunks))
+        return hook
+
+    handles = []
     try:
+        unet.set_attn_processor({name: _EditorProcessor(layer, state) for name, layer in layers.items()})
+        handles = [features[i].register_forward_hook(hook_for(i)) for i in sorted(controller.feature_blocks)]
         yield state
     finally:
+        for handle in handles:
+            handle.remove()
         unet.set_attn_processor(original)
-        state.controller.finish()
+        controller.finish()
 
 
 class DiffusersDenoiser(_UNet):
@@ -264,7 +307,7 @@ def edit(unet, scheduler, inversion: Inversion, target_embeds: torch.Tensor, neg
     if x_target is not None:
         inversion.check_latent(x_target, "target start latent")
     settings = method_options(inversion.method, inversion.options)
-    branches = {BRANCH_SOURCE: inversion.conditioning, BRANCH_TARGET: target_embeds}
+    branches = {BRANCH_SOURCE: edit_source_conditioning(inversion, editor), BRANCH_TARGET: target_embeds}
     negative_at, proximal = None, ("none", 0.75)
     if inversion.method == "negative_prompt":
         negative_embeds = _interpolate(inversion.conditioning, negative_embeds, settings.interpolation)

@@ -3,12 +3,13 @@
 An editor is a frozen description of an edit (e.g. :class:`P2PEditor`); ``editor.start(layers, steps, latent_shape)``
 makes its per-run controller (:class:`attention.EditController`) that the adapters call from their attention hooks.
 """
-from .attention import AttentionCall, AttentionLayer, EditController, attend_probs, attention_probs, layer_orders
+from .attention import AttentionCall, AttentionLayer, EditController, FeatureCall, attend_probs, attention_probs, layer_orders
 from .masactrl import MasaCtrlController, MasaCtrlEditor, default_start_layer
+from .pnp import PnPController, PnPEditor
 from .p2p import P2P_MODES, P2PController, P2PEditor, prompt_to_prompt
 from .p2p_alignment import TokenizedPrompt, auto_mode, tokenize_words, word_positions
 
-__all__ = ["P2P_MODES", "AttentionCall", "AttentionLayer", "EditController", "MasaCtrlController", "MasaCtrlEditor",
-           "P2PController", "P2PEditor", "default_start_layer",
+__all__ = ["P2P_MODES", "AttentionCall", "AttentionLayer", "EditController", "FeatureCall", "MasaCtrlController", "MasaCtrlEditor",
+           "P2PController", "P2PEditor", "PnPController", "PnPEditor", "default_start_layer",
            "TokenizedPrompt", "attend_probs", "attention_probs", "auto_mode", "layer_orders", "prompt_to_prompt",
            "tokenize_words", "word_positions"]

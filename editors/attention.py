@@ -18,7 +18,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-__all__ = ["AttentionCall", "AttentionLayer", "Attend", "EditController", "attention_probs", "attend_probs",
+__all__ = ["AttentionCall", "AttentionLayer", "Attend", "EditController", "FeatureCall", "attention_probs", "attend_probs",
            "chunk_rows", "layer_orders", "query_grid"]
 
 PLACES = ("down", "mid", "up")
@@ -36,6 +36,8 @@ class AttentionLayer:
         factor: downsampling factor of its queries relative to the latent (1, 2, 4, 8).
         cross: True for cross-attention (keys from the prompt), False for self-attention.
         order: position among the UNet's layers of the same kind (self or cross), in forward order.
+        block: index of the UNet block holding it among the blocks of its place, in forward order (ComfyUI's
+            ``input_blocks`` / ``output_blocks`` index; the diffusers adapter counts its resnets the same way).
     """
 
     key: Hashable
@@ -43,6 +45,18 @@ class AttentionLayer:
     factor: int
     cross: bool
     order: int
+    block: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureCall:
+    """One evaluation of a decoder block's residual features (the block's last convolution, before the skip is
+    added): the decoder block index, the branch and level of the prediction and the batch's chunk roles."""
+
+    block: int
+    branch: str
+    level: int
+    chunks: tuple
 
 
 @dataclass(frozen=True)
@@ -57,13 +71,15 @@ class AttentionCall:
 
 
 def layer_orders(layers: Sequence[tuple]) -> list[AttentionLayer]:
-    """AttentionLayers from ``(key, place, factor, cross)`` tuples in forward order (orders counted per kind)."""
+    """AttentionLayers from ``(key, place, factor, cross, block)`` tuples in forward order (orders counted per
+    kind)."""
     counts = {True: 0, False: 0}
     out = []
-    for key, place, factor, cross in layers:
+    for key, place, factor, cross, block in layers:
         if place not in PLACES:
             raise ValueError(f"unknown UNet place {place!r}")
-        out.append(AttentionLayer(key=key, place=place, factor=int(factor), cross=bool(cross), order=counts[bool(cross)]))
+        out.append(AttentionLayer(key=key, place=place, factor=int(factor), cross=bool(cross),
+                                  order=counts[bool(cross)], block=int(block)))
         counts[bool(cross)] += 1
     return out
 
@@ -111,10 +127,15 @@ class EditController:
     ``wants(call)`` tells the adapter whether the controller needs to see a call at all (elsewhere the backend's
     attention runs untouched); ``attention`` computes a call's output; ``after_step`` may change the target latent
     after each sampling step (local blend); ``source_guided`` says whether the source branch needs its guided
-    prediction (False: its conditional half alone, when offsets pin the source to the inversion anyway).
+    prediction (False: its conditional half alone, when offsets pin the source to the inversion anyway);
+    ``source_unguided`` asks for the source's conditional half alone in every offset mode (Plug-and-Play's source
+    is an unguided reconstruction). ``feature_blocks`` names the decoder blocks whose residual features the
+    controller wants to see (``feature`` is then called with them at every prediction).
     """
 
     source_guided: bool = False
+    source_unguided: bool = False
+    feature_blocks: frozenset = frozenset()
 
     def wants(self, call: AttentionCall) -> bool:
         return False
@@ -122,6 +143,9 @@ class EditController:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                   attend: Attend) -> torch.Tensor:
         return attend(q, k, v)
+
+    def feature(self, h: torch.Tensor, call: FeatureCall) -> torch.Tensor:
+        return h
 
     def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
         return x_target

@@ -139,7 +139,8 @@ class MasaCtrlController(EditController):
             if rows:
                 roles[role] = rows[0]
         if call.branch == "source":
-            self.cache[call.layer.key] = {role: (k[s], v[s]) for role, s in roles.items()}
+            # per role: ComfyUI may run the two halves as separate calls when memory is short
+            self.cache.setdefault(call.layer.key, {}).update({role: (k[s], v[s]) for role, s in roles.items()})
             return attend(q, k, v)
         source = self.cache.get(call.layer.key)
         if source is None or any(role not in source for role in roles):

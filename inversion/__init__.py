@@ -9,6 +9,7 @@ from .methods import (
     NegativePromptOptions,
     edit,
     edit_guidance,
+    edit_source_conditioning,
     invert,
     inversion_guidance,
     method_options,
@@ -34,6 +35,6 @@ __all__ = [
     "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "EditController", "Inversion", "NegativePromptOptions",
     "NullTextModel", "NullTextOptions", "NullTextResult", "OffsetTrajectory", "StepCallback",
     "alpha_bar", "autograd_weights", "check_finite", "ddim_sigmas", "ddim_step", "ddim_timesteps", "edict_levels",
-    "edit", "edit_guidance", "eps_to_x0", "invert", "invert_ddim", "inversion_guidance", "invert_edict", "method_options", "optimize_null_text",
+    "edit", "edit_guidance", "edit_source_conditioning", "eps_to_x0", "invert", "invert_ddim", "inversion_guidance", "invert_edict", "method_options", "optimize_null_text",
     "proximal_delta", "sample_direct_inversion", "sample_edict",
 ]

@@ -28,7 +28,7 @@ from .guidance import PROXIMAL_MODES
 from .null_text import NullTextOptions, optimize_null_text
 from .types import Denoiser, DirectInversionResult, EditController, Inversion, StepCallback
 
-__all__ = ["METHODS", "DdimOptions", "NegativePromptOptions", "edit", "edit_guidance", "invert", "inversion_guidance",
+__all__ = ["METHODS", "DdimOptions", "NegativePromptOptions", "edit", "edit_guidance", "edit_source_conditioning", "invert", "inversion_guidance",
            "method_options"]
 
 METHODS = ("ddim", "null_text", "negative_prompt", "edict")
@@ -85,6 +85,13 @@ def edit_guidance(inversion: Inversion, cfg: float) -> float:
     if inversion.method == "edict":
         return method_options("edict", inversion.options).guidance
     return cfg
+
+
+def edit_source_conditioning(inversion: Inversion, editor=None):
+    """The source branch's conditioning of an edit: an editor's own (Plug-and-Play's empty prompt), except for EDICT,
+    whose source pair retraces the inversion only with the prompt it was inverted with; else the inversion's."""
+    override = getattr(editor, "source_conditioning", None)
+    return inversion.conditioning if override is None or inversion.method == "edict" else override
 
 
 @torch.no_grad()

@@ -55,10 +55,13 @@ class EditController(Protocol):
     """What the samplers need from an editor's per-run state (the attention side is the adapters' business).
 
     ``source_guided``: whether the source branch's prediction must be guided even when offsets pin it to the
-    inversion; ``after_step(n, x_source, x_target)`` returns the target latent after sampling step n (0 = first).
+    inversion; ``source_unguided``: whether the source branch is predicted from its conditional half alone in every
+    offset mode (an editor whose source is an unguided reconstruction); ``after_step(n, x_source, x_target)``
+    returns the target latent after sampling step n (0 = first).
     """
 
     source_guided: bool
+    source_unguided: bool
 
     def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor: ...
 

@@ -1,11 +1,11 @@
-"""Editor nodes (P2P Editor) and the attention-map view: translation between ComfyUI types and ``editors``."""
+"""Editor nodes (P2P, MasaCtrl, PnP) and the attention-map view: translation between ComfyUI types and ``editors``."""
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
 from ..adapters.comfyui_prompts import tokenized_prompt
-from ..editors import P2P_MODES, MasaCtrlEditor, prompt_to_prompt, word_positions
+from ..editors import P2P_MODES, MasaCtrlEditor, PnPEditor, prompt_to_prompt, word_positions
 
 CATEGORY = "inversion/editors"
 EDITOR = io.Custom("EDITOR")
@@ -157,6 +157,65 @@ class MasaCtrlEditorNode(io.ComfyNode):
         return io.NodeOutput(editor, source.encode(clip), target.encode(clip))
 
 
+def _encode(clip, text: str) -> list:
+    if clip is None:
+        raise RuntimeError("The clip input is invalid: the checkpoint has no text encoder.")
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+class PnPEditorNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DirectInversion_PnPEditor",
+            display_name="PnP Editor",
+            category=CATEGORY,
+            description=(
+                "Plug-and-Play (Tumanyan et al.) for structure-preserving translation ('a photo of a horse' -> 'a "
+                "sketch of a horse') through the Direct Inversion Sampler's editor input. The source branch "
+                "reconstructs the image with the empty prompt, unguided (on the inversion's latents with offsets "
+                "'source', on its own DDIM path with 'off'); during the first feature_injection of the steps the "
+                "target takes the source's residual features of decoder block feature_block (before the skip is "
+                "added), during the first attention_injection its self-attention queries and keys from "
+                "attention_from_block on; both target halves share the one source prediction (3 UNet samples per "
+                "step). The sampler's negative is the reference's negative prompt. Blocks count the decoder's blocks "
+                "in forward order (SD1.x/SD2.x: 12, SDXL: 9); the defaults 4 / 4 are the reference's second resnet of "
+                "the first upsampled level (diffusers up_blocks[1].resnets[1]) and self-attention of decoder layers "
+                "4-11 on SD1.x/SD2.x; on SDXL they give that resnet and the self-attention of blocks 4-5. EDICT keeps "
+                "its source on the inversion's prompt, guided."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The model's text encoder (encodes both prompts and the empty prompt)."),
+                io.String.Input("source_prompt", multiline=True, default="a photo of a horse",
+                                tooltip="What the image shows (for Invert)."),
+                io.String.Input("target_prompt", multiline=True, default="a sketch of a horse",
+                                tooltip="What it should become."),
+                io.Float.Input("feature_injection", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps (from the first) with residual-feature injection "
+                                       "(reference 0.8)."),
+                io.Float.Input("attention_injection", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps with self-attention query/key injection (reference 0.5)."),
+                io.Int.Input("feature_block", default=4, min=0, max=64,
+                             tooltip="Decoder block whose residual features are injected (forward order)."),
+                io.Int.Input("attention_from_block", default=4, min=0, max=64,
+                             tooltip="First decoder block whose self-attention queries and keys are injected."),
+            ],
+            outputs=[
+                EDITOR.Output("editor", tooltip="For the Direct Inversion Sampler's editor input."),
+                io.Conditioning.Output("source", tooltip="The encoded source prompt (for Invert)."),
+                io.Conditioning.Output("target", tooltip="The encoded target prompt (for the sampler)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, source_prompt, target_prompt, feature_injection, attention_injection, feature_block,
+                attention_from_block) -> io.NodeOutput:
+        editor = PnPEditor(feature_injection=feature_injection, attention_injection=attention_injection,
+                           feature_block=feature_block, attention_from_block=attention_from_block,
+                           source_conditioning=_encode(clip, ""))
+        return io.NodeOutput(editor, _encode(clip, source_prompt), _encode(clip, target_prompt))
+
+
 def maps_image(controller, tile: int = 128) -> torch.Tensor:
     """IMAGE ``[B, H, W, 3]``: per image of the batch, a labelled grid of the target prompt's per-word attention maps
     (averaged over steps and map layers, each normalised to its maximum); a placeholder if there are none."""
@@ -192,4 +251,4 @@ def _pixels(image):
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-NODES = [P2PEditorNode, MasaCtrlEditorNode]
+NODES = [P2PEditorNode, MasaCtrlEditorNode, PnPEditorNode]

@@ -360,16 +360,43 @@ def test_masactrl_editor_node_errors(comfy_env):
     assert errors and "'dog' is not a word of the prompt 'a photo of a cat jumping'" in errors[0]["exception_message"]
 
 
-@pytest.mark.parametrize("editor", ["p2p", "masactrl"])
+# the tiny SD1.5 model's decoder has blocks 0-3, self-attention in 2-3; block 3 is the reference's feature position
+PNP_INPUTS = {"source_prompt": "a photo of a horse", "target_prompt": "a sketch of a horse", "feature_injection": 0.8,
+              "attention_injection": 0.5, "feature_block": 3, "attention_from_block": 3}
+
+
+@pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
+def test_every_method_with_the_pnp_editor_in_the_executor(comfy_env, method):
+    """CLIP -> PnP Editor (its own empty-prompt source) -> Invert / Direct Inversion Sampler."""
+    graph = editor_graph(method, "DirectInversion_PnPEditor", PNP_INPUTS)
+    _, encoded, edited, source = run_edit(graph)
+    assert torch.isfinite(edited).all() and (source - encoded).abs().max().item() <= 1e-4
+    assert (edited - source).abs().max().item() > 1e-3
+
+
+def test_pnp_editor_node_errors(comfy_env):
+    graph = editor_graph("ddim", "DirectInversion_PnPEditor", {**PNP_INPUTS, "feature_block": 4,
+                                                               "attention_from_block": 4}, steps=4)
+    executor, _, _ = run_prompt(graph)
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert errors and ("PnP's attention_from_block is 4 but this UNet's last decoder block with self-attention is 3"
+                       in errors[0]["exception_message"])
+
+
+EDITOR_NODES = {"p2p": ("DirectInversion_P2PEditor", P2P_INPUTS),
+                "masactrl": ("DirectInversion_MasaCtrlEditor", MASACTRL_INPUTS),
+                # the tiny SDXL model has self-attention in decoder blocks 0-1 only (as SDXL: none at full resolution)
+                "pnp": ("DirectInversion_PnPEditor", {**PNP_INPUTS, "attention_from_block": 1})}
+
+
+@pytest.mark.parametrize("editor", ["p2p", "masactrl", "pnp"])
 def test_editors_on_an_sdxl_family_model_in_the_executor(comfy_env, editor):
     """SDXL: both tokenizers align the P2P prompts; the editors find their layers by place and resolution."""
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "di_test.png"}},
         "2": {"class_type": "DITest_TinySDXL", "inputs": {}},
         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 1]}},
-        "21": ({"class_type": "DirectInversion_P2PEditor", "inputs": {"clip": ["2", 2],
-                                                                      **P2P_INPUTS}} if editor == "p2p"
-               else {"class_type": "DirectInversion_MasaCtrlEditor", "inputs": {"clip": ["2", 2], **MASACTRL_INPUTS}}),
+        "21": {"class_type": EDITOR_NODES[editor][0], "inputs": {"clip": ["2", 2], **EDITOR_NODES[editor][1]}},
         "22": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 2], "text": ""}},
         "4": {"class_type": "DirectInversion_Invert",
               "inputs": {"model": ["2", 0], "latent": ["3", 0], "source": ["21", 1], "negative": ["22", 0],

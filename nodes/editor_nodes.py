@@ -81,9 +81,12 @@ class P2PEditorNode(io.ComfyNode):
                               tooltip="Local blend with your own region (1: may change) instead of blend words."),
             ],
             outputs=[
-                EDITOR.Output("editor", tooltip="For the Direct Inversion Sampler's editor input."),
-                io.Conditioning.Output("source", tooltip="The encoded source prompt (for Invert)."),
-                io.Conditioning.Output("target", tooltip="The encoded target prompt (for the sampler)."),
+                EDITOR.Output("editor", display_name="editor",
+                              tooltip="For the Direct Inversion Sampler's editor input."),
+                io.Conditioning.Output("source", display_name="source",
+                                       tooltip="The encoded source prompt (for Invert)."),
+                io.Conditioning.Output("target", display_name="target",
+                                       tooltip="The encoded target prompt (for the sampler)."),
             ],
         )
 
@@ -134,9 +137,12 @@ class MasaCtrlEditorNode(io.ComfyNode):
                 io.Mask.Input("mask", optional=True, tooltip="Foreground mask of the object (instead of mask words)."),
             ],
             outputs=[
-                EDITOR.Output("editor", tooltip="For the Direct Inversion Sampler's editor input."),
-                io.Conditioning.Output("source", tooltip="The encoded source prompt (for Invert)."),
-                io.Conditioning.Output("target", tooltip="The encoded target prompt (for the sampler)."),
+                EDITOR.Output("editor", display_name="editor",
+                              tooltip="For the Direct Inversion Sampler's editor input."),
+                io.Conditioning.Output("source", display_name="source",
+                                       tooltip="The encoded source prompt (for Invert)."),
+                io.Conditioning.Output("target", display_name="target",
+                                       tooltip="The encoded target prompt (for the sampler)."),
             ],
         )
 
@@ -201,9 +207,12 @@ class PnPEditorNode(io.ComfyNode):
                              tooltip="First decoder block whose self-attention queries and keys are injected."),
             ],
             outputs=[
-                EDITOR.Output("editor", tooltip="For the Direct Inversion Sampler's editor input."),
-                io.Conditioning.Output("source", tooltip="The encoded source prompt (for Invert)."),
-                io.Conditioning.Output("target", tooltip="The encoded target prompt (for the sampler)."),
+                EDITOR.Output("editor", display_name="editor",
+                              tooltip="For the Direct Inversion Sampler's editor input."),
+                io.Conditioning.Output("source", display_name="source",
+                                       tooltip="The encoded source prompt (for Invert)."),
+                io.Conditioning.Output("target", display_name="target",
+                                       tooltip="The encoded target prompt (for the sampler)."),
             ],
         )
 

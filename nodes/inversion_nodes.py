@@ -60,10 +60,13 @@ class Invert(io.ComfyNode):
                                         tooltip="Options of the chosen method, from its Options node (defaults otherwise)."),
             ],
             outputs=[
-                INVERSION.Output("inversion", tooltip="The inverted trajectory, for the Direct Inversion Sampler."),
-                io.Latent.Output("z_T", tooltip="The inverted noise latent, scaled for KSamplerAdvanced/SamplerCustom "
-                                                 "with add_noise disabled."),
-                io.Sigmas.Output("sigmas", tooltip="The DDIM schedule for SamplerCustom (euler or ddim) from z_T."),
+                INVERSION.Output("inversion", display_name="inversion",
+                                 tooltip="The inverted trajectory, for the Direct Inversion Sampler."),
+                io.Latent.Output("z_T", display_name="z_T",
+                                 tooltip="The inverted noise latent, scaled for KSamplerAdvanced/SamplerCustom "
+                                         "with add_noise disabled."),
+                io.Sigmas.Output("sigmas", display_name="sigmas",
+                                 tooltip="The DDIM schedule for SamplerCustom (euler or ddim) from z_T."),
             ],
         )
 
@@ -88,7 +91,8 @@ def _options_node(node_id: str, display_name: str, method: str, description: str
         def define_schema(cls) -> io.Schema:
             return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
                              inputs=inputs,
-                             outputs=[INVERSION_OPTIONS.Output("options", tooltip=f"For Invert with method {method}.")])
+                             outputs=[INVERSION_OPTIONS.Output("options", display_name="options",
+                                                               tooltip=f"For Invert with method {method}.")])
 
         @classmethod
         def execute(cls, **values) -> io.NodeOutput:
@@ -161,18 +165,22 @@ class DirectInversionSampler(io.ComfyNode):
                                 tooltip="Optional start of the target branch in the scaling of Invert's z_T output "
                                         "(default: z_T itself)."),
                 EDITOR.Input("editor", optional=True,
-                             tooltip="An attention editor (P2P Editor) acting on the target branch; its target "
+                             tooltip="An editor (P2P, MasaCtrl or PnP Editor) acting on the target branch; its target "
                                      "conditioning goes to the target input."),
             ],
             outputs=[
-                io.Latent.Output("edited", tooltip="The target branch: the edited image's latent."),
-                io.Latent.Output("source_reconstruction", tooltip="The source branch: equals the source latent with offsets on."),
-                DI_OFFSETS.Output("step_offsets", tooltip="Per-step offsets o_t (model latent space) with their sigmas; "
-                                                          "empty (None) when an editor runs with offsets=source, which "
-                                                          "skips the source's unconditional prediction."),
-                io.Image.Output("attention_maps", tooltip="The editor's cross-attention maps per word of the target "
-                                                          "prompt (averaged over the steps), what local blend and "
-                                                          "reweight act on."),
+                io.Latent.Output("edited", display_name="edited",
+                                 tooltip="The target branch: the edited image's latent."),
+                io.Latent.Output("source_reconstruction", display_name="source_reconstruction",
+                                 tooltip="The source branch: equals the source latent with offsets on."),
+                DI_OFFSETS.Output("step_offsets", display_name="step_offsets",
+                                  tooltip="Per-step offsets o_t (model latent space) with their sigmas; "
+                                          "empty (None) when an editor runs with offsets=source, which "
+                                          "skips the source's unconditional prediction."),
+                io.Image.Output("attention_maps", display_name="attention_maps",
+                                tooltip="The editor's cross-attention maps per word of the target "
+                                        "prompt (averaged over the steps), what local blend and "
+                                        "reweight act on."),
             ],
         )
 
@@ -241,7 +249,7 @@ class LoadInversion(io.ComfyNode):
                                tooltip=f"A file in output/{INVERSIONS_FOLDER}."),
                 io.Latent.Input("latent", optional=True, tooltip="Optional: the source image's latent, to check the size."),
             ],
-            outputs=[INVERSION.Output("inversion")],
+            outputs=[INVERSION.Output("inversion", display_name="inversion")],
         )
 
     @classmethod

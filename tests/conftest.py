@@ -95,3 +95,28 @@ def conds():
     """ComfyUI conditioning of the toy source, target and negative prompts."""
     return {name: di_testing.comfy_conditioning(di_testing.prompt_embeds(seed)) for name, seed in
             (("source", 1), ("target", 2), ("negative", 3))}
+
+
+@pytest.fixture(scope="session")
+def comfy_env(comfyui_path, tmp_path_factory):
+    """ComfyUI's nodes with the pack and the test nodes loaded, input/output folders of the session (the input holds
+    a 128x128 test image ``di_test.png``); returns (nodes module, output folder)."""
+    import asyncio
+
+    import folder_paths
+    import nodes
+    import numpy as np
+    from comfy_testing import TEST_NODES
+    from PIL import Image
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(str(di_testing.ROOT))), "ComfyUI failed to load the pack"
+    nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
+
+    input_dir = tmp_path_factory.mktemp("input")
+    output_dir = tmp_path_factory.mktemp("output")
+    folder_paths.set_input_directory(str(input_dir))
+    folder_paths.set_output_directory(str(output_dir))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(input_dir / "di_test.png")
+    return nodes, output_dir

@@ -7,88 +7,11 @@ import subprocess
 import sys
 import uuid
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import di_testing as T
-
-
-class FakeServer:
-    """What PromptExecutor needs of ComfyUI's server: it records the messages instead of sending them."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-
-def input_free_node(name: str, doc: str, return_types: tuple, make):
-    """A test-only ComfyUI node without inputs whose output is ``make()``."""
-
-    class Node:
-        __doc__ = doc
-        RETURN_TYPES = return_types
-        FUNCTION = "make"
-        CATEGORY = "testing"
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-
-        def make(self):
-            return make()
-
-    Node.__name__ = Node.__qualname__ = name
-    return Node
-
-
-def _tiny_sd15():
-    model = T.comfy_model_from_diffusers(T.tiny_diffusers_unet())
-    conds = [T.comfy_conditioning(T.prompt_embeds(seed)) for seed in (1, 2, 3)]
-    return (model, T.tiny_comfy_vae(), *conds)
-
-
-def _nan_latent():
-    samples = torch.zeros(1, 4, 16, 16)
-    samples[0, 0, 3, 3] = float("nan")
-    return ({"samples": samples},)
-
-
-TEST_NODES = {
-    "DITest_TinySD15": input_free_node("TinySD15", "A tiny SD1.5-family model, VAE and three prompts' conditioning.",
-                                       ("MODEL", "VAE", "CONDITIONING", "CONDITIONING", "CONDITIONING"), _tiny_sd15),
-    "DITest_TinyClip": input_free_node("TinyClip", "A CLIP with SD1.x's real tokenizer and a tiny random text model.",
-                                       ("CLIP",), lambda: (T.tiny_comfy_clip(),)),
-    "DITest_TinySDXL": input_free_node("TinySDXL", "A tiny SDXL-family model, VAE and CLIP (both tokenizers real).",
-                                       ("MODEL", "VAE", "CLIP"),
-                                       lambda: (T.tiny_comfy_sdxl(pooled_dim=T.CONTEXT_DIM // 2), T.tiny_comfy_vae(),
-                                                T.tiny_comfy_sdxl_clip())),
-    "DITest_NaNLatent": input_free_node("NaNLatent", "A LATENT with a NaN in it.", ("LATENT",), _nan_latent),
-}
-
-
-@pytest.fixture(scope="module")
-def comfy_env(comfyui_path, tmp_path_factory):
-    import folder_paths
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    assert asyncio.run(nodes.load_custom_node(str(T.ROOT))), "ComfyUI failed to load the pack"
-    nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
-
-    input_dir = tmp_path_factory.mktemp("input")
-    output_dir = tmp_path_factory.mktemp("output")
-    folder_paths.set_input_directory(str(input_dir))
-    folder_paths.set_output_directory(str(output_dir))
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(input_dir / "di_test.png")
-    return nodes, output_dir
+from comfy_testing import FakeServer
 
 
 def run_prompt(prompt: dict):

@@ -9,4 +9,5 @@ import importlib.util
 if importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-    __all__ = ["comfy_entrypoint"]
+    WEB_DIRECTORY = "./web"  # the web extension: P2P alignment view, per-step charts
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

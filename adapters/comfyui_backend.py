@@ -468,6 +468,29 @@ class DirectInversionOutput:
     source: torch.Tensor  # LATENT samples
     offsets: OffsetTrajectory  # model latent space
     editor_state: object = None  # the editor's controller (attention maps), if an editor ran
+    # per sampling step: RMS of the source branch's distance to the inversion trajectory after the step
+    # ("source_error") and of the Direct Inversion offset ("offset_rms", where offsets were computed)
+    step_stats: dict = None
+
+
+class _StepStats:
+    """Collects per-step figures from the core's callbacks as device tensors (no host sync inside the loop)."""
+
+    def __init__(self, z_star: torch.Tensor, forward: Callable[[dict], None]):
+        self.z_star, self.forward = z_star, forward
+        self.source_error, self.offset_rms = [], []
+
+    def __call__(self, info: dict) -> None:
+        if info.get("phase") == "sample":
+            t = info["steps"] - info["i"] - 1
+            self.source_error.append((info["x_source"].float() - self.z_star[t].float()).pow(2).mean().sqrt())
+            if info.get("offset") is not None:
+                self.offset_rms.append(info["offset"].float().pow(2).mean().sqrt())
+        self.forward(info)
+
+    def result(self) -> dict:
+        as_list = lambda values: torch.stack(values).tolist() if values else []  # noqa: E731
+        return {"source_error": as_list(self.source_error), "offset_rms": as_list(self.offset_rms)}
 
 
 def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float = 7.5, offsets: str = "source",
@@ -513,13 +536,16 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
     def run(denoiser, latent_image):
         device = latent_image.device
         controller = held.get("controller")
+        on_device = _on_device(inversion, device)
+        stats = _StepStats(on_device.z_star, _Progress(model, inversion.steps))
         try:
-            result = edit(denoiser, _on_device(inversion, device), offsets=offsets,
-                          x_target=None if x_target is None else x_target.to(device),
-                          callback=_Progress(model, inversion.steps), controller=controller)
+            result = edit(denoiser, on_device, offsets=offsets,
+                          x_target=None if x_target is None else x_target.to(device), callback=stats,
+                          controller=controller)
         finally:
             if controller is not None:
                 controller.finish()
+        held["stats"] = stats.result()
         held["offsets"] = None if result.offsets is None else result.offsets.to(comfy.model_management.intermediate_device())
         return torch.cat([result.edited, result.source]).float()
 
@@ -534,7 +560,7 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
     trajectory = OffsetTrajectory(offsets=held["offsets"], sigmas=inversion.sigmas.flip(0),
                                   mode="off" if inversion.method == "edict" else offsets)
     return DirectInversionOutput(edited=edited, source=source, offsets=trajectory,
-                                 editor_state=held.get("controller"))
+                                 editor_state=held.get("controller"), step_stats=held.get("stats"))
 
 
 def _on_device(inversion: Inversion, device) -> Inversion:

@@ -6,12 +6,13 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui as comfy_ui
 
 from ..adapters import comfyui_backend as backend
 from ..inversion import METHODS, OFFSET_MODES, PROXIMAL_MODES, Inversion
 from ..inversion.storage import load_inversion, save_inversion
 from .editor_nodes import EDITOR, maps_image
+from .web_api import chart
 
 log = logging.getLogger("DirectInversion")
 
@@ -80,7 +81,7 @@ class Invert(io.ComfyNode):
             overrides = options["options"]
         out = backend.invert(model, _samples(latent, "latent"), source, negative, steps=steps, cfg=cfg, method=method,
                              options=overrides)
-        return io.NodeOutput(out.inversion, {"samples": out.z_T}, out.sampling_sigmas)
+        return io.NodeOutput(out.inversion, {"samples": out.z_T}, out.sampling_sigmas, ui=inversion_chart(out.inversion))
 
 
 def _options_node(node_id: str, display_name: str, method: str, description: str, inputs: list) -> type:
@@ -189,7 +190,24 @@ class DirectInversionSampler(io.ComfyNode):
         start = None if target_start is None else _samples(target_start, "target_start")
         out = backend.direct_inversion(model, inversion, target, negative, cfg=cfg, offsets=offsets,
                                        target_start=start, editor=editor)
-        return io.NodeOutput({"samples": out.edited}, {"samples": out.source}, out.offsets, maps_image(out.editor_state))
+        maps = maps_image(out.editor_state)
+        ui = chart("Direct Inversion: per step (RMS)", {
+            "source error": out.step_stats["source_error"], "offset": out.step_stats["offset_rms"]})
+        if hasattr(out.editor_state, "word_maps"):  # the attention maps, shown on the node
+            ui.update(comfy_ui.PreviewImage(maps, cls=cls).as_dict())
+        return io.NodeOutput({"samples": out.edited}, {"samples": out.source}, out.offsets, maps, ui=ui)
+
+
+def inversion_chart(inversion) -> dict:
+    """Per inversion step: the RMS step size of the trajectory and, for null-text, the first and last inner loss."""
+    z = inversion.z_star.float()
+    series = {"step size": (z[1:] - z[:-1]).flatten(1).pow(2).mean(1).sqrt().tolist()}
+    losses = inversion.extras.get("null_text_losses")
+    if losses is not None:
+        series["NT loss (first)"] = losses[:, 0].tolist()
+        last = [row[~row.isnan()][-1].item() if (~row.isnan()).any() else float("nan") for row in losses]
+        series["NT loss (last)"] = last
+    return chart(f"{inversion.method} inversion: per step", series)
 
 
 def _inversions_dir() -> str:

@@ -333,3 +333,24 @@ def test_editors_on_an_sdxl_family_model_in_the_executor(comfy_env, editor):
     _, encoded, edited, source = run_edit(graph)
     assert torch.isfinite(edited).all() and (source - encoded).abs().max().item() <= 1e-4 * encoded.abs().max().item()
     assert (edited - source).abs().max().item() > 1e-3
+
+
+def test_nodes_send_per_step_charts_and_the_attention_maps(comfy_env):
+    """What the web extension draws: Invert's chart (step size, null-text losses), the sampler's (source error,
+    offsets where computed) and the P2P attention-map preview."""
+    graph = editor_graph("null_text", "DirectInversion_P2PEditor", P2P_INPUTS, steps=4)
+    executor, _, _, _ = run_edit(graph)
+    invert = executor.history_result["outputs"]["4"]["direct_inversion_chart"][0]
+    assert set(invert["series"]) == {"step size", "NT loss (first)", "NT loss (last)"}
+    assert len(invert["series"]["step size"]) == 4 and invert["steps"] == 4
+    last, first = invert["series"]["NT loss (last)"], invert["series"]["NT loss (first)"]
+    assert all(b <= a for a, b in zip(first[:-1], last[:-1]) if a is not None and b is not None)
+    sampler = executor.history_result["outputs"]["5"]
+    chart = sampler["direct_inversion_chart"][0]
+    assert list(chart["series"]) == ["source error"]  # P2P pins the source: no offsets computed
+    assert max(chart["series"]["source error"]) == 0.0  # and the source stays on the trajectory
+    assert len(sampler["images"]) == 1 and sampler["images"][0]["type"] == "temp"
+    plain = edit_graph(steps=4, offsets="off")
+    executor, _, _, _ = run_edit(plain)
+    chart = executor.history_result["outputs"]["5"]["direct_inversion_chart"][0]
+    assert set(chart["series"]) == {"source error", "offset"} and max(chart["series"]["source error"]) > 0

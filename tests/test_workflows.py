@@ -159,7 +159,9 @@ def execute(prompt: dict):
 
 
 def saved_images(executor) -> list[dict]:
-    return [item for result in executor.history_result["outputs"].values() for item in result.get("images", [])]
+    """Images written to the output folder (not the previews nodes show, e.g. the sampler's attention maps)."""
+    return [item for result in executor.history_result["outputs"].values() for item in result.get("images", [])
+            if item["type"] == "output"]
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "load_inversion_many_targets"])

@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods import build, load_pack  # noqa: E402
+from methods import build, load_pack, measure  # noqa: E402
 
 CASES = [  # (name, method, editor, offsets)
     ("ddim + DI", "ddim", None, "source"),
@@ -43,24 +40,6 @@ CASES = [  # (name, method, editor, offsets)
     ("edict + P2P", "edict", "p2p", "off"),
     ("reference loop (DI + P2P)", "reference", None, "source"),
 ]
-
-
-class Counted:
-    """The UNet itself (editors need its modules) with a forward pre-hook counting the latents it is evaluated on."""
-
-    def __init__(self, unet):
-        self.unet, self.evaluations = unet, 0
-        unet.register_forward_pre_hook(self._count, with_kwargs=True)
-
-    def _count(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.evaluations += sample.shape[0]
-
-    def __call__(self, *args, **kwargs):
-        return self.unet(*args, **kwargs)
-
-    def parameters(self):
-        return self.unet.parameters()
 
 
 def make_editor(kind, editors, unet, null, tokens: int):
@@ -99,7 +78,7 @@ def reference_loop(unet, scheduler, latent, source, target, null, steps: int, cf
     unet.unet.set_attn_processor(_ProbsProcessor())
     alphas = scheduler.alphas_cumprod.to(latent.device, torch.float32)
     stride = scheduler.config.num_train_timesteps // steps
-    timesteps = list(range(0, scheduler.config.num_train_timesteps, stride))  # ascending, as the inversion walks
+    timesteps = [i * stride for i in range(steps)]  # ascending, as the inversion walks
 
     def alpha(t):
         return alphas[t] if t >= 0 else alphas[0]
@@ -142,8 +121,7 @@ def run_case(name: str, args) -> dict:
 
     _, method, editor_kind, offsets = next(c for c in CASES if c[0] == name)
     dtype = getattr(torch, args.dtype)
-    wrapped, scheduler, latent, (source, target, null) = build(args.size, args.device, dtype)
-    unet = Counted(wrapped.unet)
+    unet, scheduler, latent, (source, target, null) = build(args.size, args.device, dtype)
     options = {"inner_steps": args.inner_steps} if method == "null_text" and args.inner_steps else None
     editor = make_editor(editor_kind, editors, unet, null, source.shape[1])
 
@@ -157,28 +135,9 @@ def run_case(name: str, args) -> dict:
         di.edit(unet.unet, scheduler, inversion, target, null, cfg=7.5, offsets=offsets, editor=editor)
         return unet.evaluations - start
 
-    def timed():
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        evaluations = once()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, evaluations
-
-    timed()  # warm-up
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    runs = [timed() for _ in range(args.repeats)]
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    weights = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2 ** 20
+    figures = measure(once, args.device, args.repeats, unet.unet)
     return {"case": name, "size": args.size, "device": args.device, "dtype": args.dtype, "steps": args.steps,
-            "unet_evals": runs[0][1], "seconds_median": statistics.median(t for t, _ in runs),
-            "seconds_all": [t for t, _ in runs], "peak_mib": peak, "weights_mib": weights,
-            "peak_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process peak RSS"}
+            "unet_evals": figures.pop("figures"), **figures}
 
 
 def main():

@@ -36,25 +36,47 @@ def load_pack():
     return module
 
 
-class CountingUNet(torch.nn.Module):
-    """Delegates to a UNet and counts the latents it is evaluated on."""
+class Counted:
+    """A UNet with a forward pre-hook that counts the latents it is evaluated on (``evaluations``); ``unet`` is the
+    model itself, so editors reach its modules."""
 
     def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-        self.evaluations = 0
+        self.unet, self.evaluations = unet, 0
+        unet.register_forward_pre_hook(self._count, with_kwargs=True)
 
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    def forward(self, sample, timestep, **kwargs):
+    def _count(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
         self.evaluations += sample.shape[0]
-        return self.unet(sample, timestep, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+
+def measure(once, device: str, repeats: int, unet) -> dict:
+    """Runs ``once`` (returning its figures) after one warm-up, ``repeats`` times: median wall time, peak memory
+    (CUDA peak allocation on a GPU, process peak RSS on the CPU) and the UNet's weights."""
+
+    def timed():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        figures = once()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, figures
+
+    timed()  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = [timed() for _ in range(repeats)]
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"figures": runs[0][1], "seconds_median": statistics.median(t for t, _ in runs),
+            "seconds_all": [t for t, _ in runs], "peak_mib": peak,
+            "weights_mib": sum(p.numel() * p.element_size() for p in unet.parameters()) / 2 ** 20,
+            "peak_kind": "cuda max_memory_allocated" if device == "cuda" else "process peak RSS"}
 
 
 def build(size: str, device: str, dtype: torch.dtype):
@@ -79,7 +101,7 @@ def build(size: str, device: str, dtype: torch.dtype):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randn(1, tokens, width, generator=g).to(device, dtype) for _ in range(3)]
     latent = torch.randn(1, 4, latent_size, latent_size, generator=g).to(device)
-    return CountingUNet(unet), scheduler, latent, prompts
+    return Counted(unet), scheduler, latent, prompts
 
 
 def run_method(method: str, args) -> dict:
@@ -91,36 +113,17 @@ def run_method(method: str, args) -> dict:
 
     def once():
         start = unet.evaluations
-        inversion = di.invert(unet, scheduler, latent, source, null, steps=args.steps, method=method, options=options)
+        inversion = di.invert(unet.unet, scheduler, latent, source, null, steps=args.steps, method=method,
+                              options=options)
         inverted = unet.evaluations - start
-        di.edit(unet, scheduler, inversion, target, null, cfg=7.5)
+        di.edit(unet.unet, scheduler, inversion, target, null, cfg=7.5)
         return inverted, unet.evaluations - start - inverted
 
-    def timed():
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        counts = once()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, counts
-
-    timed()  # warm-up
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    runs = [timed() for _ in range(args.repeats)]
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-        weights = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        weights = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2 ** 20
-    inverted, edited = runs[0][1]
+    figures = measure(once, args.device, args.repeats, unet.unet)
+    inverted, edited = figures.pop("figures")
     return {"method": method, "size": args.size, "device": args.device, "dtype": args.dtype, "steps": args.steps,
             "unet_evals_inversion": inverted, "unet_evals_edit": edited, "unet_evals_total": inverted + edited,
-            "seconds_median": statistics.median(t for t, _ in runs), "seconds_all": [t for t, _ in runs],
-            "peak_mib": peak, "weights_mib": weights,
-            "peak_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process peak RSS"}
+            **figures}
 
 
 def main():

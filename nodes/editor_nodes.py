@@ -28,6 +28,16 @@ def parse_reweight(words: str, values: str) -> list[tuple[str, float]]:
         raise ValueError(f"reweight values must be numbers separated by commas, got {values!r}") from None
 
 
+def _editor_outputs() -> list:
+    """Every editor node's outputs: the EDITOR and both prompts encoded."""
+    return [
+        EDITOR.Output("editor", display_name="editor", tooltip="For the Direct Inversion Sampler's editor input."),
+        io.Conditioning.Output("source", display_name="source", tooltip="The encoded source prompt (for Invert)."),
+        io.Conditioning.Output("target", display_name="target",
+                               tooltip="The encoded target prompt (for the sampler)."),
+    ]
+
+
 def _prompts(clip, source_prompt: str, target_prompt: str):
     """Both prompts with their word positions, from the CLIP given."""
     if clip is None:
@@ -80,14 +90,7 @@ class P2PEditorNode(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Local blend with your own region (1: may change) instead of blend words."),
             ],
-            outputs=[
-                EDITOR.Output("editor", display_name="editor",
-                              tooltip="For the Direct Inversion Sampler's editor input."),
-                io.Conditioning.Output("source", display_name="source",
-                                       tooltip="The encoded source prompt (for Invert)."),
-                io.Conditioning.Output("target", display_name="target",
-                                       tooltip="The encoded target prompt (for the sampler)."),
-            ],
+            outputs=_editor_outputs(),
         )
 
     @classmethod
@@ -136,14 +139,7 @@ class MasaCtrlEditorNode(io.ComfyNode):
                                tooltip="Threshold of the automatic masks on the min-max normalised attention."),
                 io.Mask.Input("mask", optional=True, tooltip="Foreground mask of the object (instead of mask words)."),
             ],
-            outputs=[
-                EDITOR.Output("editor", display_name="editor",
-                              tooltip="For the Direct Inversion Sampler's editor input."),
-                io.Conditioning.Output("source", display_name="source",
-                                       tooltip="The encoded source prompt (for Invert)."),
-                io.Conditioning.Output("target", display_name="target",
-                                       tooltip="The encoded target prompt (for the sampler)."),
-            ],
+            outputs=_editor_outputs(),
         )
 
     @classmethod
@@ -206,14 +202,7 @@ class PnPEditorNode(io.ComfyNode):
                 io.Int.Input("attention_from_block", default=4, min=0, max=64,
                              tooltip="First decoder block whose self-attention queries and keys are injected."),
             ],
-            outputs=[
-                EDITOR.Output("editor", display_name="editor",
-                              tooltip="For the Direct Inversion Sampler's editor input."),
-                io.Conditioning.Output("source", display_name="source",
-                                       tooltip="The encoded source prompt (for Invert)."),
-                io.Conditioning.Output("target", display_name="target",
-                                       tooltip="The encoded target prompt (for the sampler)."),
-            ],
+            outputs=_editor_outputs(),
         )
 
     @classmethod

@@ -3,23 +3,15 @@ start step and layer, masks, identity, every inversion method, SDXL and the Masa
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import pytest
 import torch
 
 import di_testing as T
 
+reference_attention = T.reference_attention
+
 STEPS = T.EDIT_STEPS
 run = T.diffusers_edit
-
-
-def reference_attention(q, k, v, heads):
-    b, n, _ = q.shape
-    split = lambda t: t.reshape(b, t.shape[1], heads, -1).permute(0, 2, 1, 3).double()  # noqa: E731
-    qh, kh, vh = split(q), split(k), split(v)
-    weights = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)
-    return (weights @ vh).permute(0, 2, 1, 3).reshape(b, n, -1)
 
 
 def test_layers_and_default_start(diffusers_backend, editors, edit_setup):

@@ -4,12 +4,12 @@ SD1.5 / SDXL structures, ComfyUI agreement and cleanup, SDXL."""
 from __future__ import annotations
 
 import copy
-import math
-
 import pytest
 import torch
 
 import di_testing as T
+
+reference_attention = T.reference_attention
 
 STEPS = T.EDIT_STEPS
 run = T.diffusers_edit
@@ -20,14 +20,6 @@ TINY = dict(feature_block=3, attention_from_block=3)
 
 def pnp(editors, setup, **kw):
     return editors.PnPEditor(**{**TINY, "source_conditioning": setup["null"], **kw})
-
-
-def reference_attention(q, k, v, heads):
-    b, n, _ = q.shape
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).permute(0, 2, 1, 3).double()  # noqa: E731
-    qh, kh, vh = split(q), split(k), split(v)
-    weights = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)
-    return (weights @ vh).permute(0, 2, 1, 3).reshape(b, n, -1)
 
 
 class Calls:

@@ -210,20 +210,26 @@ def tiny_comfy_sdxl(seed: int = 0, out_scale: float = OUT_SCALE, pooled_dim: int
     config.unet_config["num_head_channels"] = 8  # SDXL's 64-channel heads do not fit 32 channels
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.diffusion_model.modules():
-            norm = isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-            for name, p in module.named_parameters(recurse=False):
-                if norm:
-                    p.fill_(1.0 if name == "weight" else 0.0)
-                elif p.ndim > 1:  # fan-in scaled, as PyTorch's default initialisation
-                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-                else:
-                    p.zero_()
-        model.diffusion_model.out[2].weight.mul_(out_scale)
+    init_comfy_unet(model.diffusion_model, seed, out_scale)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+@torch.no_grad()
+def init_comfy_unet(unet: torch.nn.Module, seed: int = 0, out_scale: float = OUT_SCALE) -> None:
+    """Random weights for a ComfyUI UNet (ComfyUI leaves them empty): fan-in scaled normal for matrices and
+    convolutions, as PyTorch's default, unit norms, zero biases; the output convolution scaled by ``out_scale``."""
+    g = torch.Generator().manual_seed(seed)
+    for module in unet.modules():
+        norm = isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        for name, p in module.named_parameters(recurse=False):
+            if norm:
+                p.fill_(1.0 if name == "weight" else 0.0)
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.zero_()
+    unet.out[2].weight.mul_(out_scale)
 
 
 def sdxl_conditioning(seed: int) -> list:

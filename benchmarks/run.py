@@ -1,0 +1,334 @@
+"""UNet sample-evaluations, time and memory per inversion method and editor, beside a reference-style loop.
+
+    python benchmarks/run.py                                   # tiny random-weight UNet on the CPU (minutes)
+    python benchmarks/run.py --size sd15 --device cuda --dtype float16                    # SD1.5, 512x512
+    python benchmarks/run.py --size sdxl --device cuda --dtype float16 --repeats 1        # SDXL, 1024x1024
+    python benchmarks/run.py --backend comfyui ...            # through ComfyUI (needs a ComfyUI checkout)
+
+Every case is one inversion plus one edit of one image (cfg 7.5), run in a process of its own, with the models
+of benchmarks/harness.py (random weights; speed does not depend on their values):
+- UNet sample-evaluations per image, counted by a forward pre-hook on the UNet (one per latent in each batch it
+  is called with): exact and machine-independent;
+- wall time: the median of --repeats runs after one warm-up run (the inversion's share is timed too);
+- peak memory: CUDA's peak allocation on a GPU, the process's peak RSS on the CPU.
+
+The reference-style loop reproduces the structure of the PnPInversion code's DDIM + Direct Inversion + P2P
+path, written here for the comparison: DDIM inversion with the source prompt (one sample per step); a separate
+offset pass over the trajectory with the edit's full batch ([source, target] x [unconditional, conditional]:
+four samples per step); the edit with the same four samples per step; float32 throughout; attention
+probabilities materialised as a tensor at every attention layer (as its attention store does). At 50 steps:
+50 + 200 + 200 = 450 samples. It runs on the diffusers UNet of the same size, device and starting precision.
+
+The table ends with the issue's targets, each marked met or missed (and by how much) where this run's
+configuration is the one the target is set for. Figures go to a JSON file (--json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import BACKENDS, SHAPES, SIZES, Bench, di_testing, import_comfyui, measure, synchronize  # noqa: E402
+
+CASES = [  # (name, inversion method, editor, offsets)
+    ("ddim + DI", "ddim", None, "source"),
+    ("ddim (DI off)", "ddim", None, "off"),
+    ("null_text + DI", "null_text", None, "source"),
+    ("negative_prompt + DI", "negative_prompt", None, "source"),
+    ("edict", "edict", None, "off"),
+    ("ddim + DI + P2P", "ddim", "p2p", "source"),
+    ("ddim + P2P (DI off)", "ddim", "p2p", "off"),
+    ("ddim + DI + MasaCtrl", "ddim", "masactrl", "source"),
+    ("ddim + DI + PnP", "ddim", "pnp", "source"),
+    ("null_text + P2P", "null_text", "p2p", "off"),
+    ("negative_prompt + P2P", "negative_prompt", "p2p", "off"),
+    ("edict + P2P", "edict", "p2p", "off"),
+    ("reference loop (DI + P2P)", "reference", None, "source"),
+]
+CASE_NAMES = [c[0] for c in CASES]
+OURS, REFERENCE = "ddim + DI + P2P", "reference loop (DI + P2P)"
+
+
+def make_editor(kind, size: str, bench: Bench):
+    from comfyui_direct_inversion import editors
+
+    if kind is None:
+        return None
+    if kind == "p2p":  # a one-word swap, with word positions from a toy vocabulary
+        tokens = SHAPES[size][1]
+        vocab = {"a": [1], "cat": [2], "dog": [3], "sitting": [4], "on": [5], "bench": [6]}
+        tok = lambda text: editors.tokenize_words(text, vocab.__getitem__, 100, 101, max_len=tokens)  # noqa: E731
+        return editors.prompt_to_prompt(tok("a cat sitting on a bench"), tok("a dog sitting on a bench"),
+                                        max_tokens=tokens)
+    if kind == "masactrl":
+        return editors.MasaCtrlEditor()
+    # PnP: the reference's decoder positions (4) where the UNet has them, the toy UNet's equivalent (3) there
+    position = 3 if size == "tiny" else 4
+    return editors.PnPEditor(feature_block=position, attention_from_block=position, source_conditioning=bench.null)
+
+
+class _ProbsProcessor:
+    """Attention with the probabilities materialised (softmax(q k^T / sqrt(d)) as a tensor), in float32."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        b, n, _ = q.shape
+        split = lambda t: t.float().reshape(b, t.shape[1], attn.heads, -1).transpose(1, 2)  # noqa: E731
+        qh, kh, vh = split(q), split(k), split(v)
+        probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)
+        out = (probs @ vh).transpose(1, 2).reshape(b, n, -1).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+def reference_loop(bench: Bench, steps: int, cfg: float = 7.5) -> None:
+    """DDIM inversion, a separate offset pass and a four-sample edit per step, float32 (see the module doc).
+    ``bench.unet`` must already be float32 with ``_ProbsProcessor`` installed."""
+    unet, latent, device = bench.unet, bench.latent, bench.latent.device
+    alphas = bench.scheduler.alphas_cumprod.to(device, torch.float32)
+    stride = bench.scheduler.config.num_train_timesteps // steps
+    timesteps = [i * stride for i in range(steps)]  # ascending, as the inversion walks
+
+    def alpha(t):
+        return alphas[t] if t >= 0 else alphas[0]
+
+    def step(x, eps, t, t_next):  # DDIM from timestep t to t_next
+        a, a_next = alpha(t), alpha(t_next)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+    def eps(x, t, embeds):
+        return unet(x, torch.tensor(t, device=device), encoder_hidden_states=embeds).sample
+
+    with torch.no_grad():
+        source, target, null = (e.float() for e in (bench.source, bench.target, bench.null))
+        z = [latent.float()]
+        for t in timesteps:  # inversion: one sample per step
+            z.append(step(z[-1], eps(z[-1], t, source), t - stride, t))
+        embeds = torch.cat([null, null, source, target])
+
+        def guided(x_src, x_tgt, t):
+            e = eps(torch.cat([x_src, x_tgt, x_src, x_tgt]), t, embeds)
+            uncond, cond = e.chunk(2)
+            return uncond + cfg * (cond - uncond)
+
+        offsets = []
+        for n, t in enumerate(reversed(timesteps)):  # the offset pass: the full batch, four samples per step
+            zt = z[steps - n]
+            e = guided(zt, zt, t)[:1]
+            offsets.append(z[steps - n - 1] - step(zt, e, t, t - stride))
+        x_src = x_tgt = z[-1]
+        for n, t in enumerate(reversed(timesteps)):  # the edit: four samples per step
+            e = guided(x_src, x_tgt, t)
+            x_src = step(x_src, e[:1], t, t - stride) + offsets[n]
+            x_tgt = step(x_tgt, e[1:], t, t - stride)
+
+
+def run_case(name: str, args) -> dict:
+    _, method, editor_kind, offsets = CASES[CASE_NAMES.index(name)]
+    dtype = getattr(torch, args.dtype)
+    backend = "diffusers" if method == "reference" else args.backend
+    if backend == "comfyui":
+        import_comfyui(args.device)
+    di_testing.load_pack()
+    bench = Bench(args.size, backend, args.device, dtype)
+    counted = bench.counted
+    if method == "reference":
+        bench.unet.float()
+        bench.unet.set_attn_processor(_ProbsProcessor())
+
+        def once():
+            start = counted.evaluations
+            reference_loop(bench, args.steps)
+            return {"unet_evals": counted.evaluations - start}
+    else:
+        editor = make_editor(editor_kind, args.size, bench)
+        options = {"inner_steps": args.inner_steps} if method == "null_text" and args.inner_steps else None
+
+        def once():
+            start = counted.evaluations
+            t0 = _now(args.device)
+            inversion = bench.invert(method, args.steps, options)
+            inverted, seconds = counted.evaluations - start, _now(args.device) - t0
+            bench.edit(inversion, offsets=offsets, editor=editor)
+            return {"unet_evals": counted.evaluations - start, "unet_evals_inversion": inverted,
+                    "seconds_inversion": seconds}
+
+    figures = measure(once, args.device, args.repeats, bench.unet_module)
+    if args.profile:
+        profile(once, args.device, name)
+    return {"case": name, "method": method, "editor": editor_kind, "offsets": offsets, "backend": backend,
+            "size": args.size, "device": args.device, "dtype": args.dtype, "steps": args.steps, **figures}
+
+
+def profile(once, device: str, name: str) -> None:
+    """One more run under PyTorch's profiler: the operators by self time, and the "UNet" range (every UNet call)
+    against the whole run, on stderr."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        once()
+        synchronize(device)
+        total = time.perf_counter() - t0
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(f"\nprofile of {name!r} ({total:.3f} s under the profiler):", file=sys.stderr)
+    print(events.table(sort_by=sort, row_limit=25), file=sys.stderr)
+    unet = next((e for e in events if e.key == "UNet"), None)
+    if unet is not None:
+        device_total = getattr(unet, "device_time_total", getattr(unet, "cuda_time_total", 0)) / 1e6
+        print(f"UNet calls: {unet.count}, CPU-side total {unet.cpu_time_total / 1e6:.3f} s"
+              + (f", device total {device_total:.3f} s" if device.startswith("cuda") else "")
+              + f" of {total:.3f} s", file=sys.stderr)
+
+
+def _now(device: str) -> float:
+    synchronize(device)
+    return time.perf_counter()
+
+
+# -- targets ---------------------------------------------------------------------------------------------------
+TARGET_RUN = {"size": "sd15", "device": "cuda", "dtype": "float16", "steps": 50}
+
+
+def check_targets(results: dict, args) -> list[dict]:
+    """The issue's targets against this run: measured value, limit, and met / missed-by where this run's
+    configuration is the one the target is set for (UNet evaluations: any device and precision at 50 steps)."""
+    on_target_run = (args.size, args.device.split(":")[0], args.dtype, args.steps) == tuple(TARGET_RUN.values())
+    rows = []
+
+    def target(what, value, limit, unit, at_most=True, judged=on_target_run, judged_on=None):
+        if value is None:
+            return
+        met = value <= limit if at_most else value >= limit
+        if not judged:
+            verdict = "not judged: set for " + (", ".join(f"{k} {v}" for k, v in TARGET_RUN.items())
+                                                if judged_on is None else judged_on)
+        elif met:
+            verdict = "met"
+        elif at_most:
+            verdict = f"missed by {value - limit:.3g}{unit} ({100 * (value / limit - 1):.0f}% over)"
+        else:
+            verdict = f"missed: {limit / value:.2f}x short"
+        rows.append({"target": what, "value": value, "limit": limit, "unit": unit, "at_most": at_most,
+                     "verdict": verdict})
+
+    get = lambda case, key: results[case][key] if case in results else None  # noqa: E731
+    target("UNet evals per image, DDIM + DI + P2P (inversion included)", get(OURS, "unet_evals"), 200, "",
+           judged=args.steps == 50, judged_on="50 steps")
+    target("DDIM + DI + P2P edit, inversion included", get(OURS, "seconds_median"), 1.5, " s")
+    target("null-text inversion", get("null_text + DI", "seconds_inversion"), 10.0, " s")
+    if "edict" in results and "ddim + DI" in results:
+        target("EDICT / DDIM time (inversion + edit)",
+               results["edict"]["seconds_median"] / results["ddim + DI"]["seconds_median"], 2.5, "x")
+    if OURS in results:
+        target("peak memory over the UNet's weights, DDIM + DI + P2P",
+               (results[OURS]["peak_mib"] - results[OURS]["weights_mib"]) / 1024, 2.0, " GiB",
+               judged=on_target_run)
+    if OURS in results and REFERENCE in results:
+        target("reference loop / ours, time", results[REFERENCE]["seconds_median"] / results[OURS]["seconds_median"],
+               5.0, "x", at_most=False)
+    return rows
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--backend", choices=BACKENDS, default="diffusers")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--inner-steps", type=int, default=0, help="null-text inner steps (default: the reference's 10)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", default=CASE_NAMES, choices=CASE_NAMES, metavar="CASE",
+                        help="cases to run (default: all): " + "; ".join(CASE_NAMES))
+    parser.add_argument("--json", help="where to write the figures (default: benchmarks/results/"
+                                       "<size>-<backend>-<device>-<dtype>.json)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after measuring, profile one more run of each case (PyTorch profiler; tables on stderr)")
+    parser.add_argument("--one", choices=CASE_NAMES, help=argparse.SUPPRESS)  # internal: one case, JSON on stdout
+    return parser.parse_args(argv)
+
+
+def child_command(name: str, args) -> list[str]:
+    return [sys.executable, __file__, "--one", name, "--size", args.size, "--backend", args.backend, "--device",
+            args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--repeats", str(args.repeats),
+            "--inner-steps", str(args.inner_steps)] + (["--profile"] if args.profile else [])
+
+
+def environment(args) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_threads": torch.get_num_threads()}
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(args.device)
+    return info
+
+
+def print_table(results: dict, args, targets: list[dict]) -> None:
+    ref = results.get(REFERENCE)
+    base = results.get("ddim + DI")
+    print(f"\n{args.size} UNet ({args.backend}), {args.device}, {args.dtype}, {args.steps} steps: one inversion + one "
+          f"edit per image (cfg 7.5), median of {args.repeats}")
+    header = (f"{'case':<27}{'UNet evals (inv+edit)':>22}{'median s':>10}{'inv s':>8}{'x ddim+DI':>10}"
+              f"{'peak MiB':>10}{'ref/ours s':>11}{'ref/ours evals':>15}")
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        inv = r.get("unet_evals_inversion")
+        evals = f"{r['unet_evals']}" if inv is None else f"{inv} + {r['unet_evals'] - inv} = {r['unet_evals']}"
+        inv_s = f"{r['seconds_inversion']:.3f}" if "seconds_inversion" in r else "-"
+        vs_ddim = f"{r['seconds_median'] / base['seconds_median']:.2f}" if base else "-"
+        speed = f"{ref['seconds_median'] / r['seconds_median']:.2f}" if ref else "-"
+        saved = f"{ref['unet_evals'] / r['unet_evals']:.2f}" if ref else "-"
+        print(f"{name:<27}{evals:>22}{r['seconds_median']:>10.3f}{inv_s:>8}{vs_ddim:>10}{r['peak_mib']:>10.0f}"
+              f"{speed:>11}{saved:>15}")
+    first = next(iter(results.values()))
+    print(f"(peak: {first['peak_kind']}; UNet weights {first['weights_mib']:.0f} MiB; reference loop in float32)")
+    print("\ntargets:" if targets else "\ntargets: none of their cases ran")
+    for t in targets:
+        print(f"  {t['target']}: {t['value']:.3g}{t['unit']} ({'<=' if t['at_most'] else '>='} {t['limit']:g}"
+              f"{t['unit']}) -- {t['verdict']}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(run_case(args.one, args)))
+        return {}
+    results = {}
+    for name in args.cases:  # a process per case: its peak memory is its own, nothing of the last case lingers
+        done = subprocess.run(child_command(name, args), capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stdout + done.stderr)
+            raise SystemExit(f"benchmark case {name!r} failed (exit {done.returncode}); its output is above")
+        if args.profile:
+            sys.stderr.write(done.stderr)
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {name}: {results[name]['seconds_median']:.3f} s", flush=True)
+    targets = check_targets(results, args)
+    print_table(results, args, targets)
+    path = Path(args.json or Path(__file__).parent / "results" /
+                f"{args.size}-{args.backend}-{args.device.replace(':', '')}-{args.dtype}.json")
+    report = {"run": {k: getattr(args, k) for k in ("size", "backend", "device", "dtype", "steps", "repeats",
+                                                      "inner_steps")},
+              "environment": environment(args), "cases": list(results.values()), "targets": targets}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"figures written to {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

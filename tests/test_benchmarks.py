@@ -131,3 +131,22 @@ def test_targets_are_judged_on_the_target_run_only(bench_run):
     cpu = bench_run.parse_args(["--size", "sd15"])
     judged = {t["target"]: t["verdict"] for t in bench_run.check_targets(results, cpu)}
     assert [v for v in judged.values() if not v.startswith("not judged")] == ["met"]  # the UNet-evaluation count
+
+
+def test_sdxl_layout_runs_every_editor_and_the_reference(bench_run, monkeypatch):
+    """The SDXL paths (added time/pooled conditioning, linear projections, a decoder of nine blocks) on a shrunk
+    SDXL layout, so that the GPU command at SDXL size does not meet them for the first time."""
+    harness = sys.modules[bench_run.Bench.__module__]  # the harness module the command itself uses
+    small = dict(harness.SDXL_UNET, block_out_channels=(16, 32, 32), transformer_layers_per_block=(1, 1, 2),
+                 attention_head_dim=(2, 2, 4), cross_attention_dim=32, norm_num_groups=8, sample_size=16,
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+    monkeypatch.setitem(harness.SHAPES, "sdxl", (16, 77, 32, 16))
+    monkeypatch.setattr(harness, "SDXL_UNET", small)
+    unet = harness.diffusers_unet("sdxl", "meta")
+    assert unet.config.addition_embed_type == "text_time" and sum(p.numel() for p in unet.parameters()) < 5e6
+    args = bench_run.parse_args(["--size", "sdxl", "--steps", "3", "--repeats", "1"])
+    evals = {name: bench_run.run_case(name, args)["unet_evals"]
+             for name in ["ddim + DI + P2P", "ddim + DI + MasaCtrl", "ddim + DI + PnP", "reference loop (DI + P2P)"]}
+    steps = 2  # as in _check_report
+    assert evals == {"ddim + DI + P2P": steps + 3 * steps, "ddim + DI + MasaCtrl": steps + 4 * steps,
+                     "ddim + DI + PnP": steps + 3 * steps, "reference loop (DI + P2P)": 9 * 3}

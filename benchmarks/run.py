@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -81,11 +80,7 @@ class _ProbsProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        b, n, _ = q.shape
-        split = lambda t: t.float().reshape(b, t.shape[1], attn.heads, -1).transpose(1, 2)  # noqa: E731
-        qh, kh, vh = split(q), split(k), split(v)
-        probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)
-        out = (probs @ vh).transpose(1, 2).reshape(b, n, -1).to(q.dtype)
+        out = di_testing.reference_attention(q, k, v, attn.heads, torch.float32).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
@@ -234,8 +229,7 @@ def check_targets(results: dict, args) -> list[dict]:
                results["edict"]["seconds_median"] / results["ddim + DI"]["seconds_median"], 2.5, "x")
     if OURS in results:
         target("peak memory over the UNet's weights, DDIM + DI + P2P",
-               (results[OURS]["peak_mib"] - results[OURS]["weights_mib"]) / 1024, 2.0, " GiB",
-               judged=on_target_run)
+               (results[OURS]["peak_mib"] - results[OURS]["weights_mib"]) / 1024, 2.0, " GiB")
     if OURS in results and REFERENCE in results:
         target("reference loop / ours, time", results[REFERENCE]["seconds_median"] / results[OURS]["seconds_median"],
                5.0, "x", at_most=False)

@@ -298,12 +298,13 @@ def _init_text_model(model, seed: int) -> None:
                     p.zero_()
 
 
-def reference_attention(q, k, v, heads):
-    """softmax(q k^T / sqrt(d)) v per head, in float64, written independently of the editors' code."""
+def reference_attention(q, k, v, heads, dtype: torch.dtype = torch.float64):
+    """softmax(q k^T / sqrt(d)) v per head, in ``dtype`` (the probabilities materialised as a tensor), written
+    independently of the editors' code."""
     import math
 
     b, n, _ = q.shape
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).permute(0, 2, 1, 3).double()  # noqa: E731
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).permute(0, 2, 1, 3).to(dtype)  # noqa: E731
     qh, kh, vh = split(q), split(k), split(v)
     weights = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)
     return (weights @ vh).permute(0, 2, 1, 3).reshape(b, n, -1)

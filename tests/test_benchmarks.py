@@ -4,7 +4,9 @@ Timings are not asserted here (they are figures the command prints, not pass/fai
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import sys
 
@@ -97,18 +99,25 @@ def _check_report(report: dict, backend: str) -> None:
     assert report["run"]["size"] == "tiny" and report["environment"]["torch"]
 
 
-def test_benchmark_diffusers(bench_run, tmp_path, capsys):
-    _check_report(_run(bench_run, tmp_path, "diffusers"), "diffusers")
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def diffusers_run(bench_run, tmp_path_factory):
+    """The diffusers run's report and printed table (one run for the tests below)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report = _run(bench_run, tmp_path_factory.mktemp("bench"), "diffusers")
+    return report, printed.getvalue()
+
+
+def test_benchmark_diffusers(diffusers_run):
+    report, out = diffusers_run
+    _check_report(report, "diffusers")
     assert "ref/ours" in out and "targets:" in out and "reference loop (DI + P2P)" in out
 
 
-def test_benchmark_comfyui_counts_as_diffusers(comfyui_path, bench_run, tmp_path):
+def test_benchmark_comfyui_counts_as_diffusers(comfyui_path, bench_run, diffusers_run, tmp_path):
     comfy = _run(bench_run, tmp_path, "comfyui")
     _check_report(comfy, "comfyui")
-    diffusers = json.loads((tmp_path / "diffusers.json").read_text()) if (tmp_path / "diffusers.json").exists() \
-        else _run(bench_run, tmp_path, "diffusers")
-    for ours, theirs in zip(comfy["cases"], diffusers["cases"]):
+    for ours, theirs in zip(comfy["cases"], diffusers_run[0]["cases"]):
         assert ours["unet_evals"] == theirs["unet_evals"], ours["case"]
 
 

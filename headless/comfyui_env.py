@@ -3,16 +3,20 @@
 ``start(comfyui_path)`` does what ComfyUI's ``main.py`` does before it serves: configure the arguments, import
 ``nodes``, load the built-in extra nodes and the custom nodes (this pack included, also when it is not inside
 ComfyUI's ``custom_nodes``). ``object_info()`` answers as ComfyUI's ``/object_info`` route does.
+``make_executor(server)`` builds ComfyUI's ``PromptExecutor`` the way the running version's ``main.py`` does, and
+``cached_outputs(executor, node_id)`` reads a node's outputs back from it: the two places where ComfyUI 0.3.64 and
+0.33 differ for code that runs prompts in-process.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["PACK_ROOT", "find_comfyui", "object_info", "start"]
+__all__ = ["PACK_ROOT", "cached_outputs", "find_comfyui", "make_executor", "object_info", "start"]
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +73,37 @@ def object_info(nodes) -> dict:
 
     with folder_paths.cache_helper:
         return {name: node_info(nodes, name) for name in nodes.NODE_CLASS_MAPPINGS}
+
+
+def make_executor(server):
+    """ComfyUI's ``PromptExecutor`` with the cache that this ComfyUI's ``main.py`` (``prompt_worker``) sets up from
+    its command-line arguments (``comfy.cli_args.args``; their defaults when not parsed)."""
+    import comfy.model_management
+    import execution
+    from comfy.cli_args import args
+
+    cache = execution.CacheType
+    if "cache_args" not in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        # ComfyUI 0.3.x: classic cache unless --cache-lru / --cache-none; the LRU size is passed as cache_size.
+        cache_type = cache.LRU if args.cache_lru > 0 else cache.DEPENDENCY_AWARE if args.cache_none else cache.CLASSIC
+        return execution.PromptExecutor(server, cache_type=cache_type, cache_size=args.cache_lru)
+    # ComfyUI 0.33: the RAM-pressure cache by default, and execute() reads its headroom from cache_args (RAM in GB:
+    # active 10 % of the machine's RAM within [2, 10], inactive all of it up to 128; --cache-ram overrides them).
+    ram = inactive = 0.0
+    if not args.cache_classic and not args.cache_none and args.cache_lru <= 0:
+        total_gb = comfy.model_management.total_ram / 1024.0
+        ram, inactive = min(10.0, max(2.0, total_gb * 0.10)), min(128.0, total_gb)
+        ram_args = list(args.cache_ram or [])
+        ram, inactive = (ram_args + [ram, inactive][len(ram_args):])[:2]
+    cache_type = (cache.CLASSIC if args.cache_classic else cache.LRU if args.cache_lru > 0
+                  else cache.NONE if args.cache_none else cache.RAM_PRESSURE)
+    return execution.PromptExecutor(server, cache_type=cache_type,
+                                    cache_args={"lru": args.cache_lru, "ram": ram, "ram_inactive": inactive})
+
+
+def cached_outputs(executor, node_id: str):
+    """The outputs (one list per output slot) that ``executor`` keeps for ``node_id``, or None."""
+    entry = executor.caches.outputs.get(node_id)
+    if inspect.isawaitable(entry):  # ComfyUI 0.33: the caches are asynchronous
+        entry = asyncio.run(entry)
+    return getattr(entry, "outputs", entry)  # ComfyUI 0.33 keeps a CacheEntry(ui, outputs); 0.3.x the outputs

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Optional
 
 try:  # as part of the pack
-    from .comfyui_env import find_comfyui, object_info, start
+    from .comfyui_env import find_comfyui, make_executor, object_info, start
     from .ui_to_api import WorkflowError, convert
 except ImportError:  # as a script
-    from comfyui_env import find_comfyui, object_info, start
+    from comfyui_env import find_comfyui, make_executor, object_info, start
     from ui_to_api import WorkflowError, convert
 
 __all__ = ["RunError", "apply_overrides", "main", "run_workflow"]
@@ -204,7 +204,7 @@ def run_prompt(prompt: dict, bar_factory) -> list[str]:
                             for n, e in (node_errors or {}).items())
         raise RunError(f"ComfyUI rejected the workflow: {error.get('message')} {error.get('details', '')} {details}")
     server = _Server()
-    executor = execution.PromptExecutor(server)
+    executor = make_executor(server)
     hook, close = _progress(bar_factory)
     comfy.utils.set_progress_bar_global_hook(hook)
     try:

@@ -6,6 +6,15 @@ import torch
 
 import di_testing as T
 
+def comfyui_env():
+    """The pack's ``headless.comfyui_env``: what differs between ComfyUI versions for running prompts in-process
+    (building the executor, reading its cached outputs) is adapted there, for the tests as for the headless runner."""
+    T.load_pack()
+    from comfyui_direct_inversion.headless import comfyui_env as env
+
+    return env
+
+
 class FakeServer:
     """What PromptExecutor needs of ComfyUI's server: it records the messages instead of sending them."""
 

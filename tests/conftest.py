@@ -1,4 +1,6 @@
-"""Shared fixtures. ComfyUI is found through $COMFYUI_PATH, ../.. or ~/comfy/ComfyUI (see di_testing)."""
+"""Shared fixtures. ComfyUI is found through $COMFYUI_PATH or ../.. (see di_testing). Every test that needs ComfyUI
+(through the ``comfyui_path`` fixture) is marked ``comfyui``: ``-m comfyui`` runs those alone, ``-m "not comfyui"``
+the rest."""
 from __future__ import annotations
 
 import sys
@@ -21,10 +23,20 @@ if COMFYUI is not None:
     import utils.extra_config  # noqa: E402,F401
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: needs ComfyUI (marked automatically from the comfyui_path fixture)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "comfyui_path" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfyui)
+
+
 def pytest_report_header(config):
     if COMFYUI is None:
         return f"ComfyUI: not found -- {di_testing.COMFY_SKIP_REASON}"
-    return f"ComfyUI: {COMFYUI}"
+    return f"ComfyUI {di_testing.comfyui_version(COMFYUI)}: {COMFYUI}"
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +48,20 @@ def pack():
 @pytest.fixture(scope="session")
 def comfyui_path():
     if COMFYUI is None:
-        pytest.skip(di_testing.COMFY_SKIP_REASON)
+        di_testing.skip_or_fail(di_testing.COMFY_SKIP_REASON)
     return COMFYUI
+
+
+@pytest.fixture
+def every_progress_tick(comfyui_path, monkeypatch):
+    """ComfyUI's progress hook sees every update of a ProgressBar. ComfyUI 0.33 throttles the hook (at most one call
+    per 0.1 s and 0.5 %, except the first, the last and those with a preview); tests that count the ticks of our
+    nodes turn that off. ComfyUI 0.3.64 has no throttle."""
+    import comfy.utils
+
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, name):
+            monkeypatch.setattr(comfy.utils, name, 0)
 
 
 @pytest.fixture(scope="session")

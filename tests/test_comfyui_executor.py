@@ -11,17 +11,18 @@ import pytest
 import torch
 
 import di_testing as T
-from comfy_testing import FakeServer
+from comfy_testing import FakeServer, comfyui_env
 
 
 def run_prompt(prompt: dict):
-    """Validate and execute an API-format prompt the way ComfyUI's server does; return (executor, server, validation)."""
+    """Validate and execute an API-format prompt the way ComfyUI's server does, with the executor that this ComfyUI's
+    main.py builds; return (executor, server, validation)."""
     import execution
 
     prompt_id = str(uuid.uuid4())
     validation = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     server = FakeServer()
-    executor = execution.PromptExecutor(server)
+    executor = comfyui_env().make_executor(server)
     if validation[0]:
         executor.execute(prompt, prompt_id, {}, validation[2])
     return executor, server, validation
@@ -36,7 +37,7 @@ def executing_node(node_id=None):
 
 
 def output_of(executor, node_id: str, index: int):
-    return executor.caches.outputs.get(node_id)[index][0]
+    return comfyui_env().cached_outputs(executor, node_id)[index][0]
 
 
 def run_edit(graph: dict):
@@ -81,7 +82,7 @@ def test_nodes_are_registered_under_inversion(comfy_env):
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == display
 
 
-def test_edit_graph_runs_in_the_executor(comfy_env):
+def test_edit_graph_runs_in_the_executor(comfy_env, every_progress_tick):
     import comfy.utils
 
     _, output_dir = comfy_env
@@ -119,7 +120,7 @@ def test_edit_graph_runs_in_the_executor(comfy_env):
     assert torch.allclose(chained / (1 + sigma_min ** 2) ** 0.5, reference, atol=1e-4)
 
 
-def test_interrupt_stops_between_steps(comfy_env):
+def test_interrupt_stops_between_steps(comfy_env, every_progress_tick):
     import comfy.model_management
     import comfy.utils
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -86,31 +87,84 @@ def test_negative_prompt_at_interpolation_0_is_ddim_at_guidance_1(comfy_backend,
     assert torch.allclose(out.source, ref.source, atol=1e-4)
 
 
-def test_interrupt_during_null_text_leaves_the_model_clean(comfy_backend, inference_model, latent, conds):
-    import comfy.model_management
-    import comfy.utils
+class CancelAfter:
+    """Presses Cancel (ComfyUI's interrupt flag, as the server sets it from its own thread) as the UNet starts its
+    ``at``-th evaluation, and counts the evaluations that still start afterwards. It needs no progress hook, whose
+    calls ComfyUI 0.33 throttles. ComfyUI 0.33 also checks the flag in every layer of its own ops, so there the
+    evaluation under way stops too; on 0.3.64 only our loops' checks stop it."""
 
-    params = dict(inference_model.model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
-    seen = []
+    def __init__(self, model, at: Optional[int] = None):
+        self.at, self.calls, self.after = at, 0, 0
+        self.handle = model.model.diffusion_model.register_forward_pre_hook(self._count)
 
-    def hook(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 8 + 3:  # three inner iterations into the first null-text step
+    def _count(self, module, args):
+        import comfy.model_management
+
+        self.calls += 1
+        if self.at is not None and self.calls > self.at:
+            self.after += 1
+        if self.calls == self.at:
             comfy.model_management.interrupt_current_processing(True)
 
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            invert(comfy_backend, inference_model, latent, conds, "null_text")
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        import comfy.model_management
+
+        self.handle.remove()
         comfy.model_management.interrupt_current_processing(False)
-    assert seen[:9] == list(range(1, 10)) and seen[-1] == 11  # 8 DDIM steps, then inner iterations
+
+
+def _run_loop(backend, model, latent, conds, loop: str, inversions: dict):
+    """One long loop: an inversion (``invert:METHOD``) or sampling from a prepared inversion (``sample:METHOD``)."""
+    kind, method = loop.split(":")
+    if kind == "invert":
+        return invert(backend, model, latent, conds, method).z_star
+    with torch.inference_mode():
+        return backend.direct_inversion(model, inversions[method], conds["target"], conds["negative"], cfg=7.5).edited
+
+
+# loop -> (the loop that runs before it inside the same call, which Cancel must land past; the evaluation of the loop
+# during which Cancel is pressed; the most evaluations that may still start). Every loop checks the flag after each
+# step, so only the rest of that step may run: DDIM inversion at cfg 1 makes one evaluation a step, EDICT two (its
+# two updates), Direct Inversion sampling two (source and target), EDICT sampling four (two updates, two branches).
+# Null-text checks after every inner iteration: pressed during the first inner iteration, nothing more may start.
+CANCEL_CASES = {"invert:ddim": (None, 3, 0), "invert:null_text": ("invert:ddim", 2, 0), "invert:edict": (None, 3, 1),
+                "sample:ddim": (None, 3, 1), "sample:edict": (None, 3, 3)}
+
+
+@pytest.mark.parametrize("loop", sorted(CANCEL_CASES))
+def test_cancel_stops_every_long_loop_and_leaves_the_model_clean(comfy_backend, inference_model, latent, conds, loop):
+    import comfy.model_management
+
+    inversions = {m: invert(comfy_backend, inference_model, latent, conds, m) for m in ("ddim", "edict")}
+    options, patches = repr(inference_model.model_options), dict(inference_model.patches)
+    params = dict(inference_model.model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    with CancelAfter(inference_model) as full:
+        before = _run_loop(comfy_backend, inference_model, latent, conds, loop, inversions)
+    first, offset, most_after = CANCEL_CASES[loop]
+    skipped = 0
+    if first is not None:
+        with CancelAfter(inference_model) as counted:
+            _run_loop(comfy_backend, inference_model, latent, conds, first, inversions)
+        skipped = counted.calls
+    at = skipped + offset
+    assert full.calls >= at + most_after + 2  # Cancel lands before the last step: later steps would have run
+    with CancelAfter(inference_model, at=at) as cancel:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _run_loop(comfy_backend, inference_model, latent, conds, loop, inversions)
+    assert cancel.after <= most_after, f"{cancel.after} UNet evaluations started after Cancel"
+    assert not comfy.model_management.processing_interrupted()  # the flag was consumed by the stop
+    # nothing stays patched, the weights are untouched, and the next run gives the same result
+    assert repr(inference_model.model_options) == options and dict(inference_model.patches) == patches
     after = dict(inference_model.model.named_parameters())
     assert all(after[n] is p and p.is_inference() and p.requires_grad == flags[n] and p.grad is None
                for n, p in params.items())
+    assert not inference_model.model.diffusion_model._forward_pre_hooks
     assert torch.is_grad_enabled()  # the test's own (default) mode is back
+    assert torch.equal(_run_loop(comfy_backend, inference_model, latent, conds, loop, inversions), before)
 
 
 def test_save_load_round_trip_and_errors(comfy_backend, inference_model, latent, conds, tiny_unet, tmp_path, pack):

@@ -163,7 +163,7 @@ def _browser_workflow() -> dict:
 def test_browser_alignment_view_and_chart(server):
     chromium = _chromium()
     if chromium is None:
-        pytest.skip(CHROMIUM_SKIP)
+        T.skip_or_fail(CHROMIUM_SKIP)
     from playwright.sync_api import sync_playwright
 
     url, _ = server

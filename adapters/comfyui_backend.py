@@ -36,7 +36,8 @@ from ..inversion import (
     Inversion,
     OffsetTrajectory,
     autograd_weights,
-    check_finite,
+    check_latent_layout,
+    check_latent_values,
     ddim_sigmas,
     edit,
     edit_guidance,
@@ -435,7 +436,8 @@ def invert(model, latent: torch.Tensor, positive, negative, steps: int = 50, cfg
     """Invert a LATENT's samples with a ComfyUI model (reference defaults: 50 steps, guidance 1; ``options``
     overrides the method's defaults, see ``inversion.methods``)."""
     settings = method_options(method, options)
-    check_finite("latent to invert", latent)
+    check_latent_layout("latent to invert", latent, model.model.latent_format.latent_channels)
+    check_latent_values("latent to invert", latent)
     sigmas, timesteps = schedule(model, steps)
     guidance = inversion_guidance(method, settings, cfg)
     fingerprint = model_fingerprint(model)
@@ -510,7 +512,7 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
     x_target = None
     if target_start is not None:
         inversion.check_latent(target_start, "target start latent")
-        check_finite("target start latent", target_start)
+        check_latent_values("target start latent", target_start)
         x_target = model.model.process_latent_in(target_start.float()) / _k_scale(inversion.sigmas[-1])
     if inversion.method == "edict" and offsets != "off":
         log.info("[DirectInversion] EDICT reconstructs exactly without offsets; offsets=%s does not apply.", offsets)

@@ -21,7 +21,8 @@ from ..inversion import (
     Inversion,
     StepCallback,
     autograd_weights,
-    check_finite,
+    check_latent_layout,
+    check_latent_values,
     ddim_sigmas,
     edit_guidance,
     edit_source_conditioning,
@@ -279,7 +280,8 @@ def invert(unet, scheduler, latent: torch.Tensor, prompt_embeds: torch.Tensor,
     Null-text starts from ``negative_embeds`` (the empty prompt's embeddings) and EDICT guides with it.
     """
     settings = method_options(method, options)
-    check_finite("latent to invert", latent)
+    check_latent_layout("latent to invert", latent, unet.config.in_channels)
+    check_latent_values("latent to invert", latent)
     sigmas, timesteps = ddim_sigmas(train_sigmas(scheduler), steps)
     guidance = inversion_guidance(method, settings, cfg)
     denoiser = DiffusersDenoiser(unet, scheduler, {BRANCH_SOURCE: prompt_embeds}, negative_embeds, guidance)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-__all__ = ["AttentionCall", "AttentionLayer", "Attend", "EditController", "FeatureCall", "attention_probs", "attend_probs",
+__all__ = ["AttentionCall", "AttentionLayer", "Attend", "EditController", "FeatureCall", "attention_probs", "attend_probs", "check_mask_batch",
            "chunk_rows", "layer_orders", "query_grid"]
 
 PLACES = ("down", "mid", "up")
@@ -68,6 +68,13 @@ class AttentionCall:
     branch: str
     level: int
     chunks: tuple
+
+
+def check_mask_batch(name: str, mask: Optional[torch.Tensor], latent_shape: Sequence[int]) -> None:
+    """A user mask ``[H, W]`` or ``[B, H, W]`` must have batch 1 or the latents' batch."""
+    if mask is not None and mask.ndim == 3 and mask.shape[0] not in (1, latent_shape[0]):
+        raise ValueError(f"The {name} has batch {mask.shape[0]} but the latents have batch {latent_shape[0]}; give one "
+                         f"mask for all images or one per image.")
 
 
 def layer_orders(layers: Sequence[tuple]) -> list[AttentionLayer]:
@@ -130,9 +137,11 @@ class EditController:
     prediction (False: its conditional half alone, when offsets pin the source to the inversion anyway);
     ``source_unguided`` asks for the source's conditional half alone in every offset mode (Plug-and-Play's source
     is an unguided reconstruction). ``feature_blocks`` names the decoder blocks whose residual features the
-    controller wants to see (``feature`` is then called with them at every prediction).
+    controller wants to see (``feature`` is then called with them at every prediction). ``idle_reason`` is set when
+    the editor's settings make it do nothing in this run (the adapters warn with it).
     """
 
+    idle_reason: Optional[str] = None
     source_guided: bool = False
     source_unguided: bool = False
     feature_blocks: frozenset = frozenset()

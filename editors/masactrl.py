@@ -27,7 +27,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionCall, AttentionLayer, Attend, EditController, attention_probs, chunk_rows, query_grid
+from .attention import (AttentionCall, AttentionLayer, Attend, EditController, attention_probs, check_mask_batch, chunk_rows,
+                        query_grid)
+from ..inversion.types import check_number
 from .p2p import map_factor
 
 __all__ = ["MasaCtrlController", "MasaCtrlEditor", "default_start_layer", "masked_attention"]
@@ -74,6 +76,7 @@ class MasaCtrlEditor:
             raise ValueError("MasaCtrl's automatic mask needs a word of the source prompt and one of the target prompt.")
         if self.mask is not None and self.mask.ndim not in (2, 3):
             raise ValueError(f"The MasaCtrl mask must be [H, W] or [B, H, W], got shape {tuple(self.mask.shape)}")
+        check_number("MasaCtrl's mask_threshold", self.mask_threshold, 0.0, 1.0)
 
     @property
     def auto_mask(self) -> bool:
@@ -102,6 +105,11 @@ class MasaCtrlController(EditController):
         self.editor = editor
         self.steps = steps
         self.latent_hw = tuple(latent_shape[-2:])
+        check_mask_batch("MasaCtrl mask", editor.mask, latent_shape)
+        if editor.start_step >= steps:
+            self.idle_reason = (f"MasaCtrl's start_step is {editor.start_step} but the edit has {steps} steps: mutual "
+                                f"self-attention never starts and the edit runs without MasaCtrl. Lower start_step "
+                                f"(reference: 4 of 50).")
         self_layers = [layer for layer in layers if not layer.cross]
         self.total_layers = len(self_layers)
         self.start_layer = editor.start_layer if editor.start_layer is not None else default_start_layer(len(self_layers))

@@ -25,13 +25,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import (AttentionCall, AttentionLayer, Attend, EditController, attend_probs, attention_probs, chunk_rows,
-                        query_grid)
+from .attention import (AttentionCall, AttentionLayer, Attend, EditController, attend_probs, attention_probs,
+                        check_mask_batch, chunk_rows, query_grid)
+from ..inversion.types import check_number
 from .p2p_alignment import TokenizedPrompt, auto_mode, equalizer, refinement_mapper, replacement_mapper, word_positions
 
 __all__ = ["P2P_MODES", "P2PController", "P2PEditor", "prompt_to_prompt"]
 
 P2P_MODES = ("auto", "replace", "refine")
+REWEIGHT_LIMIT = 100.0  # |scale| of a word's attention; the reference's examples stay within 10
 MAP_FACTOR = 4  # 16 x 16 maps for a 64 x 64 latent, as the reference's local blend and attention views
 SELF_MAX_QUERIES = 32 * 32
 
@@ -111,7 +113,8 @@ def prompt_to_prompt(source: TokenizedPrompt, target: TokenizedPrompt, mode: str
                              f"{max_tokens}; shorten it for Prompt-to-Prompt.")
     if mode == "auto":
         mode = auto_mode(source, target)
-    reweight = tuple((str(w), float(v)) for w, v in reweight)
+    reweight = tuple((str(w), check_number(f"The reweight value of {w!r}", v, -REWEIGHT_LIMIT, REWEIGHT_LIMIT))
+                     for w, v in reweight)
     editor = P2PEditor(mode=mode, source=source, target=target,
                        cross_replace_steps=_fraction("cross_replace_steps", cross_replace_steps),
                        self_replace_steps=_fraction("self_replace_steps", self_replace_steps), reweight=reweight,
@@ -151,6 +154,11 @@ class P2PController(EditController):
         self.latent_hw = tuple(latent_shape[-2:])
         self.cross_steps = int(editor.cross_replace_steps * steps)
         self.self_steps = int(editor.self_replace_steps * steps)
+        check_mask_batch("local-blend mask", editor.mask, latent_shape)
+        if not (self.cross_steps or self.self_steps or editor.reweight or editor.local_blend):
+            self.idle_reason = (f"P2P edits nothing: cross_replace_steps {editor.cross_replace_steps} and "
+                                f"self_replace_steps {editor.self_replace_steps} of {steps} steps are both under one "
+                                f"step, with no reweight or local blend, so the edit runs without P2P.")
         self.blend_from = int(editor.blend_start * steps)
         self.mapping = editor.cross_mapping()
         self.scale = editor.equalizer()
@@ -290,8 +298,6 @@ class P2PController(EditController):
             if self.user_mask is None:  # resized and moved to the device once per run
                 mask = self.editor.mask
                 mask = mask[None] if mask.ndim == 2 else mask
-                if mask.shape[0] not in (1, x.shape[0]):
-                    raise ValueError(f"The local-blend mask has batch {mask.shape[0]}, the latents {x.shape[0]}.")
                 self.user_mask = F.interpolate(mask[:, None].to(x.device, torch.float32), size=shape, mode="area")
             return self.user_mask
         region = torch.zeros((x.shape[0], 1) + shape, dtype=torch.bool, device=x.device)

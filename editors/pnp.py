@@ -82,6 +82,10 @@ class PnPController(EditController):
         self.steps = steps
         self.feature_steps = int(steps * editor.feature_injection)
         self.attention_steps = int(steps * editor.attention_injection)
+        if not self.feature_steps and not self.attention_steps:
+            self.idle_reason = (f"PnP injects nothing: feature_injection {editor.feature_injection} and "
+                                f"attention_injection {editor.attention_injection} of {steps} steps are both under one "
+                                f"step, so the edit runs without PnP (reference: 0.8 and 0.5).")
         # the adapters check that the feature block exists when they hook it
         self.feature_blocks = frozenset([editor.feature_block] if self.feature_steps else [])
         self.attention_keys = {layer.key for layer in layers

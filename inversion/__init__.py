@@ -28,13 +28,18 @@ from .types import (
     OffsetTrajectory,
     StepCallback,
     check_finite,
+    check_latent_layout,
+    check_latent_values,
+    check_number,
+    check_step,
 )
 
 __all__ = [
     "BRANCH_SOURCE", "BRANCH_TARGET", "METHODS", "OFFSET_MODES", "PROXIMAL_MODES",
     "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "EditController", "Inversion", "NegativePromptOptions",
     "NullTextModel", "NullTextOptions", "NullTextResult", "OffsetTrajectory", "StepCallback",
-    "alpha_bar", "autograd_weights", "check_finite", "ddim_sigmas", "ddim_step", "ddim_timesteps", "edict_levels",
+    "alpha_bar", "autograd_weights", "check_finite", "check_latent_layout", "check_latent_values", "check_number",
+    "check_step", "ddim_sigmas", "ddim_step", "ddim_timesteps", "edict_levels",
     "edit", "edit_guidance", "edit_source_conditioning", "eps_to_x0", "invert", "invert_ddim", "inversion_guidance", "invert_edict", "method_options", "optimize_null_text",
     "proximal_delta", "sample_direct_inversion", "sample_edict",
 ]

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .schedule import ddim_step
-from .types import BRANCH_SOURCE, Denoiser, StepCallback, check_finite
+from .types import BRANCH_SOURCE, INVERSION_CAUSE, Denoiser, StepCallback, check_latent_values, check_step
 
 __all__ = ["invert_ddim"]
 
@@ -37,7 +37,7 @@ def invert_ddim(
     Returns:
         ``[steps + 1, B, C, H, W]``: z*_0 (= z0) .. z*_T.
     """
-    check_finite("latent to invert", z0)
+    check_latent_values("latent to invert", z0)
     levels = [float(s) for s in sigmas]
     if any(b < a for a, b in zip(levels, levels[1:])):
         raise ValueError("DDIM inversion needs ascending sigmas (clean end first).")
@@ -50,6 +50,7 @@ def invert_ddim(
         if levels[i + 1] != levels[i]:  # a zero-length step is the identity: no evaluation needed
             eps = model(z, sigmas_dev[i + 1], branch, i + 1)
             z = ddim_step(z, eps, levels[i], levels[i + 1])
+            check_step("inversion", i, steps, {branch: z}, INVERSION_CAUSE)
         z_star[i + 1] = z
         if callback is not None:
             callback({"phase": "invert", "i": i, "steps": steps, "sigma": levels[i + 1], "z": z})

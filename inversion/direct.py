@@ -14,8 +14,10 @@ from .types import (
     Denoiser,
     DirectInversionResult,
     EditController,
+    SAMPLING_CAUSE,
     StepCallback,
-    check_finite,
+    check_latent_values,
+    check_step,
 )
 
 __all__ = ["sample_direct_inversion"]
@@ -66,13 +68,13 @@ def sample_direct_inversion(
     levels = [float(s) for s in sigmas]
     if len(levels) != z_star.shape[0]:
         raise ValueError(f"{len(levels)} sigmas for a trajectory of {z_star.shape[0]} latents")
-    check_finite("inversion trajectory", z_star)
+    check_latent_values("inversion trajectory", z_star)
     steps = len(levels) - 1
     sigmas_dev = sigmas.to(device=z_star.device, dtype=z_star.dtype)
 
     x_src = z_star[steps]
     x_tgt = z_star[steps] if x_target is None else x_target.to(z_star)
-    check_finite("target start latent", x_tgt)
+    check_latent_values("target start latent", x_tgt)
     pinned_only = controller is not None and offsets == "source" and not controller.source_guided
     source_guided = not (pinned_only or (controller is not None and controller.source_unguided))
     offset_rows = None if pinned_only else z_star.new_zeros((steps,) + tuple(x_src.shape))
@@ -95,6 +97,7 @@ def sample_direct_inversion(
             x_tgt = tgt_next + offset if offsets == "both" else tgt_next
         if controller is not None:
             x_tgt = controller.after_step(n, x_src, x_tgt)
+        check_step("sampling", n, steps, {BRANCH_SOURCE: x_src, BRANCH_TARGET: x_tgt}, SAMPLING_CAUSE)
         if callback is not None:
             callback({"phase": "sample", "i": n, "steps": steps, "sigma": sigma_prev, "x_source": x_src, "x_target": x_tgt,
                       "denoised": denoised, "offset": offset})

@@ -21,7 +21,18 @@ from typing import Optional
 import torch
 
 from .schedule import alpha_bar
-from .types import BRANCH_SOURCE, BRANCH_TARGET, Denoiser, EditController, StepCallback, check_finite
+from .types import (
+    BRANCH_SOURCE,
+    BRANCH_TARGET,
+    INVERSION_CAUSE,
+    SAMPLING_CAUSE,
+    Denoiser,
+    EditController,
+    StepCallback,
+    check_latent_values,
+    check_number,
+    check_step,
+)
 
 __all__ = ["EdictOptions", "edict_levels", "invert_edict", "sample_edict"]
 
@@ -36,6 +47,7 @@ class EdictOptions:
     leapfrog: bool = True  # leapfrog_steps
 
     def __post_init__(self):
+        check_number("EDICT guidance", self.guidance, 1.0, 100.0)
         if not 0.5 < self.mix <= 1.0:
             raise ValueError(f"EDICT mix must be in (0.5, 1], got {self.mix}")
         if not 0.0 < self.strength <= 1.0:
@@ -76,7 +88,7 @@ def invert_edict(model: Denoiser, z0: torch.Tensor, sigmas: torch.Tensor, option
     bookkeeping precision (float64; anything else only to show why).
     """
     options = options or EdictOptions()
-    check_finite("latent to invert", z0)
+    check_latent_values("latent to invert", z0)
     p = options.mix
     levels = [float(s) for s in sigmas]
     top = len(levels) - 1
@@ -96,6 +108,7 @@ def invert_edict(model: Denoiser, z0: torch.Tensor, sigmas: torch.Tensor, option
         for i, j in ((second, first), (first, second)):  # undo the two updates in reverse order
             eps = _eps(model, pair[j], sigmas_dev[t], BRANCH_SOURCE, t, dtype) if b != 0.0 else 0.0
             pair[i] = (pair[i] - b * eps) / a
+        check_step("EDICT inversion", t - 1, top, {BRANCH_SOURCE: pair}, INVERSION_CAUSE)
         x_star[t], y_star[t] = pair
         if callback is not None:
             callback({"phase": "invert", "i": t - 1, "steps": top, "z": pair[0]})
@@ -144,6 +157,7 @@ def sample_edict(model: Denoiser, x_top: torch.Tensor, y_top: torch.Tensor, sigm
         if controller is not None:
             src, tgt = pairs[BRANCH_SOURCE], pairs[BRANCH_TARGET]
             pairs[BRANCH_TARGET] = [controller.after_step(n, src[k], tgt[k]) for k in range(2)]
+        check_step("EDICT sampling", n, top, pairs, SAMPLING_CAUSE)
         if callback is not None:
             callback({"phase": "sample", "i": n, "steps": top, "denoised": pairs[BRANCH_TARGET][0], "x_source": pairs[BRANCH_SOURCE][0],
                       "x_target": pairs[BRANCH_TARGET][0]})

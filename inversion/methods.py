@@ -16,6 +16,7 @@ edict              the sampler's negative                      EDICT's coupled u
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,12 +27,14 @@ from .direct import sample_direct_inversion
 from .edict import EdictOptions, edict_levels, invert_edict, sample_edict
 from .guidance import PROXIMAL_MODES
 from .null_text import NullTextOptions, optimize_null_text
-from .types import Denoiser, DirectInversionResult, EditController, Inversion, StepCallback
+from .types import Denoiser, DirectInversionResult, EditController, Inversion, StepCallback, check_number
 
 __all__ = ["METHODS", "DdimOptions", "NegativePromptOptions", "edit", "edit_guidance", "edit_source_conditioning", "invert", "inversion_guidance",
            "method_options"]
 
 METHODS = ("ddim", "null_text", "negative_prompt", "edict")
+
+log = logging.getLogger("DirectInversion")
 
 
 @dataclass
@@ -82,6 +85,7 @@ def method_options(method: str, options: Optional[dict] = None):
 
 def edit_guidance(inversion: Inversion, cfg: float) -> float:
     """Guidance of an edit: EDICT keeps the guidance it was inverted with (the reference uses 3 for both)."""
+    check_number("The sampler's cfg", cfg, 0.0, 100.0)
     if inversion.method == "edict":
         return method_options("edict", inversion.options).guidance
     return cfg
@@ -98,7 +102,11 @@ def edit_source_conditioning(inversion: Inversion, editor=None):
 def edit(model: Denoiser, inversion: Inversion, offsets: str = "source", x_target: Optional[torch.Tensor] = None,
          callback: Optional[StepCallback] = None, controller: Optional[EditController] = None) -> DirectInversionResult:
     """Sample the source and target branches from an inversion, as its method prescribes (``controller``: an
-    editor's per-run state, see :class:`EditController`)."""
+    editor's per-run state, see :class:`EditController`). An editor whose settings make it do nothing is warned about
+    (its ``idle_reason``)."""
+    idle = getattr(controller, "idle_reason", None)
+    if idle:
+        log.warning("[DirectInversion] %s", idle)
     if inversion.method == "edict":
         if x_target is not None:
             raise ValueError("EDICT edits start from the inverted pair; a target start latent cannot be used.")
@@ -114,6 +122,7 @@ def edit(model: Denoiser, inversion: Inversion, offsets: str = "source", x_targe
 
 def inversion_guidance(method: str, options, cfg: float) -> float:
     """Guidance of the inversion pass: EDICT uses its own (3 in the reference), the others ``cfg`` (reference 1)."""
+    check_number("The inversion's cfg", cfg, 0.0, 100.0)
     return options.guidance if method == "edict" else cfg
 
 

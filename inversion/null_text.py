@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 
 from .schedule import ddim_step
-from .types import NullTextModel, StepCallback
+from .types import BRANCH_SOURCE, NullTextModel, StepCallback, check_number, check_step
 
 __all__ = ["NullTextOptions", "NullTextResult", "autograd_weights", "optimize_null_text"]
 
@@ -28,7 +28,11 @@ class NullTextOptions:
     def __post_init__(self):
         if self.inner_steps < 1:
             raise ValueError(f"null-text inner_steps must be at least 1, got {self.inner_steps}")
-        if self.lr <= 0:
+        check_number("null-text guidance", self.guidance, 1.0, 100.0)
+        check_number("null-text early_stop", self.early_stop, 0.0)
+        check_number("null-text early_stop_slope", self.early_stop_slope, 0.0)
+        check_number("null-text lr_decay_steps", self.lr_decay_steps, 1.0)
+        if check_number("null-text lr", self.lr, 0.0, 10.0) <= 0:
             raise ValueError(f"null-text lr must be positive, got {self.lr}")
 
 
@@ -105,6 +109,9 @@ def optimize_null_text(model: NullTextModel, z_star: torch.Tensor, sigmas: torch
                 with torch.no_grad():
                     eps_u = model.eps_null(latent, sigmas_dev[t], embedding)
                     latent = ddim_step(latent, eps_u + options.guidance * (eps_c - eps_u), sigma, sigma_prev)
+                check_step("null-text", n, steps, {BRANCH_SOURCE: latent},
+                           "a null-text learning rate or guidance too large for this model, or the model overflowing "
+                           "in half precision (start ComfyUI with --force-fp32)")
             rows.append(embedding)
             losses.append(history)
             thresholds.append(threshold)

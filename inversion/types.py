@@ -5,6 +5,7 @@ inversion uses (a ComfyUI CONDITIONING list, a diffusers embedding tensor) and h
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
@@ -22,6 +23,10 @@ __all__ = [
     "OffsetTrajectory",
     "StepCallback",
     "check_finite",
+    "check_latent_layout",
+    "check_latent_values",
+    "check_number",
+    "check_step",
 ]
 
 BRANCH_SOURCE = "source"
@@ -177,4 +182,63 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise ValueError(f"The {name} contains {bad} NaN or infinite values; check the image and VAE that made it.")
+
+
+# The VAE latents of SD1.x/SD2.x/SDXL, scaled as the UNet sees them, lie within about +-50; a latent far beyond that
+# cannot come from an image, and its DDIM steps overflow (half precision ends at 65504).
+LATENT_LIMIT = 1e4
+
+
+def check_latent_values(name: str, tensor: torch.Tensor) -> None:
+    """Raise a ValueError if a latent holds NaN/infinity or values no VAE gives (beyond +-``LATENT_LIMIT``)."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"The {name} has dtype {tensor.dtype}; a latent must be floating point.")
+    check_finite(name, tensor)
+    peak = tensor.abs().max().item() if tensor.numel() else 0.0
+    if peak > LATENT_LIMIT:
+        raise ValueError(f"The {name} has values up to {peak:.3g}, far outside a VAE latent's range (about +-50); "
+                         f"encode the image with the model's VAE.")
+
+
+def check_latent_layout(name: str, latent: torch.Tensor, channels: int) -> None:
+    """Raise a ValueError unless ``latent`` is an image latent ``[B, channels, H, W]`` of the model's channel count."""
+    if latent.ndim != 4:
+        raise ValueError(f"The {name} has shape {tuple(latent.shape)}; an image latent [batch, channels, height, "
+                         f"width] is needed (video and audio latents are not supported).")
+    if latent.shape[1] != channels:
+        raise ValueError(f"The {name} has {latent.shape[1]} channels but this model works on {channels}-channel "
+                         f"latents: encode the image with this model's VAE (SD3 and Flux VAEs make 16 channels, "
+                         f"SD1.x/SD2.x/SDXL's 4).")
+
+
+def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    """``value`` as a float, or a ValueError if it is not a finite number within [``low``, ``high``]."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name} must be in {bounds}, got {number:g}.")
+    return number
+
+
+INVERSION_CAUSE = ("an extreme inversion cfg, or the model overflowing in half precision (start ComfyUI with "
+                   "--force-fp32)")
+SAMPLING_CAUSE = ("a guidance scale or editor setting (such as P2P reweight values) too extreme for this model, or the "
+                  "model overflowing in half precision (start ComfyUI with --force-fp32)")
+
+
+def check_step(phase: str, step: int, steps: int, latents: dict, cause: str) -> None:
+    """Stop a loop at the first step that made a latent non-finite.
+
+    ``latents`` maps a branch name to its latent(s) after step ``step`` (0-based) of ``steps``; ``cause`` says what
+    usually does it. One host sync per step, next to a UNet evaluation's cost."""
+    for branch, tensors in latents.items():
+        for tensor in tensors if isinstance(tensors, (list, tuple)) else (tensors,):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{phase.capitalize()} step {step + 1} of {steps} made the {branch} latent NaN or "
+                                 f"infinite. Likely cause: {cause}.")
 

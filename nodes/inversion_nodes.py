@@ -195,6 +195,9 @@ class DirectInversionSampler(io.ComfyNode):
             "source error": out.step_stats["source_error"], "offset": out.step_stats["offset_rms"]})
         if hasattr(out.editor_state, "word_maps"):  # the attention maps, shown on the node
             ui.update(comfy_ui.PreviewImage(maps, cls=cls).as_dict())
+        idle = getattr(out.editor_state, "idle_reason", None)
+        if idle:  # settings that make the editor do nothing: said on the node too (the web extension shows it)
+            ui["direct_inversion_warnings"] = [idle]
         return io.NodeOutput({"samples": out.edited}, {"samples": out.source}, out.offsets, maps, ui=ui)
 
 

@@ -60,6 +60,27 @@ def _nan_latent():
     return ({"samples": samples},)
 
 
+def _overflowing_sd15():
+    """The tiny SD1.5 set-up whose UNet returns NaN for the sampler's target branch once sigma falls below 3 (as an
+    fp16 overflow would), while inversion and the source branch run normally."""
+    model, *rest = _tiny_sd15()
+    model = model.clone()
+
+    def wrapper(apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        options = args["c"].get("transformer_options", {})
+        if options.get("direct_inversion_branch") == "target" and float(args["timestep"].max()) < 3.0:
+            out = out * float("nan")
+        return out
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return (model, *rest)
+
+
+def _latent(samples: torch.Tensor):
+    return ({"samples": samples},)
+
+
 TEST_NODES = {
     "DITest_TinySD15": input_free_node("TinySD15", "A tiny SD1.5-family model, VAE and three prompts' conditioning.",
                                        ("MODEL", "VAE", "CONDITIONING", "CONDITIONING", "CONDITIONING"), _tiny_sd15),
@@ -70,6 +91,16 @@ TEST_NODES = {
                                        lambda: (T.tiny_comfy_sdxl(pooled_dim=T.CONTEXT_DIM // 2), T.tiny_comfy_vae(),
                                                 T.tiny_comfy_sdxl_clip())),
     "DITest_NaNLatent": input_free_node("NaNLatent", "A LATENT with a NaN in it.", ("LATENT",), _nan_latent),
+    "DITest_HugeLatent": input_free_node("HugeLatent", "An image-like LATENT times 1e30.", ("LATENT",),
+                                         lambda: _latent(T.image_like_latent() * 1e30)),
+    "DITest_Latent16": input_free_node("Latent16", "A 16-channel LATENT (as SD3/Flux VAEs make).", ("LATENT",),
+                                       lambda: _latent(torch.zeros(1, 16, 16, 16))),
+    "DITest_IntLatent": input_free_node("IntLatent", "An int64 LATENT.", ("LATENT",),
+                                        lambda: _latent(torch.zeros(1, 4, 16, 16, dtype=torch.int64))),
+    "DITest_Mask3": input_free_node("Mask3", "A MASK of batch 3.", ("MASK",), lambda: (torch.ones(3, 128, 128),)),
+    "DITest_OverflowingSD15": input_free_node("OverflowingSD15", "TinySD15 whose target predictions turn NaN late.",
+                                              ("MODEL", "VAE", "CONDITIONING", "CONDITIONING", "CONDITIONING"),
+                                              _overflowing_sd15),
 }
 
 

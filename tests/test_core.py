@@ -119,3 +119,66 @@ def test_core_errors(core):
         core.sample_direct_inversion(ToyDenoiser({}), z_star, sigmas, offsets="sometimes")
     with pytest.raises(ValueError, match="sigmas for a trajectory"):
         core.sample_direct_inversion(ToyDenoiser({}), z_star, sigmas[1:])
+
+
+class NaNAfter(ToyDenoiser):
+    """The toy eps, NaN for one branch from its ``after``-th evaluation on (an overflow)."""
+
+    def __init__(self, branch: str, after: int):
+        super().__init__({"source": 0.1, "target": 0.2})
+        self.branch, self.after, self.seen = branch, after, 0
+
+    def __call__(self, z, sigma, branch, level, guided=True):
+        eps = super().__call__(z, sigma, branch, level, guided)
+        if branch == self.branch:
+            self.seen += 1
+            if self.seen >= self.after:
+                return eps * float("nan")
+        return eps
+
+
+@pytest.mark.parametrize("loop", ["invert", "sample", "edict_invert", "edict_sample"])
+def test_a_step_that_turns_nan_stops_the_loop_there(core, loop):
+    """Every loop stops at the first non-finite step, naming the step and the branch; the model is not called again."""
+    ac = sd_alphas_cumprod()
+    sigmas, _ = core.ddim_sigmas(((1 - ac) / ac).sqrt(), 8)
+    z0 = torch.randn(1, 4, 8, 8, dtype=torch.float64) * 0.5
+    z_star = core.invert_ddim(ToyDenoiser({"source": 0.1}), z0, sigmas)
+    branch = "source" if "invert" in loop else "target"
+    model = NaNAfter(branch, after=3)
+    run = {"invert": lambda: core.invert_ddim(model, z0, sigmas),
+           "sample": lambda: core.sample_direct_inversion(model, z_star, sigmas),
+           "edict_invert": lambda: core.invert_edict(model, z0, sigmas),
+           "edict_sample": lambda: core.sample_edict(model, z0, z0, sigmas)}[loop]
+    with pytest.raises(ValueError, match=rf"step (\d+) of 8 made the {branch} latent NaN or infinite") as error:
+        run()
+    step = int(error.value.args[0].split("step ")[1].split(" ")[0])
+    # the branch's third evaluation: DDIM makes one per branch and step, EDICT two; inversion's first step is of zero
+    # length (no evaluation). The loop stops at that step's end: the branch was evaluated to there and no further.
+    expected_step, evaluations = {"invert": (4, 3), "sample": (3, 3), "edict_invert": (3, 4), "edict_sample": (2, 4)}[loop]
+    assert step == expected_step and model.seen == evaluations
+
+
+def test_numbers_are_checked_where_they_enter(core):
+    for bad in (float("nan"), float("inf"), 1e30):
+        with pytest.raises(ValueError, match="The inversion's cfg must be"):
+            core.inversion_guidance("ddim", core.method_options("ddim"), bad)
+        with pytest.raises(ValueError, match="null-text guidance must be"):
+            core.method_options("null_text", {"guidance": bad})
+        with pytest.raises(ValueError, match="EDICT guidance must be"):
+            core.method_options("edict", {"guidance": bad})
+    with pytest.raises(ValueError, match="null-text lr must be a finite number"):
+        core.method_options("null_text", {"lr": float("nan")})
+    assert core.check_number("x", "2.5", 0, 3) == 2.5
+    with pytest.raises(ValueError, match=r"x must be in \[0, 3\], got 4"):
+        core.check_number("x", 4, 0, 3)
+    with pytest.raises(ValueError, match="x must be a number, got 'a'"):
+        core.check_number("x", "a")
+    with pytest.raises(ValueError, match="has dtype torch.int64"):
+        core.check_latent_values("latent", torch.zeros(1, 4, 2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="far outside"):
+        core.check_latent_values("latent", torch.full((1, 4, 2, 2), 2e4))
+    with pytest.raises(ValueError, match="has 16 channels but this model works on 4-channel"):
+        core.check_latent_layout("latent", torch.zeros(1, 16, 2, 2), 4)
+    with pytest.raises(ValueError, match="image latent"):
+        core.check_latent_layout("latent", torch.zeros(1, 4, 3, 2, 2), 4)

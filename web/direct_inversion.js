@@ -4,7 +4,8 @@
 //   words are highlighted; the mode `auto` would pick is shown; clicking a word toggles it in the local-blend
 //   words, shift-clicking a target word toggles it in the reweight words.
 // - Invert and Direct Inversion Sampler: after a run, a per-step chart sent by the node (source-branch error and
-//   Direct Inversion offset; step size and null-text loss for the inversion).
+//   Direct Inversion offset; step size and null-text loss for the inversion), and on the sampler the warnings the
+//   node sends (an editor whose settings make it do nothing).
 // The attention-map grid of an editor run is shown on the sampler as ComfyUI's usual image preview.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -29,6 +30,7 @@ const STYLE = `
 .di-chart { font: 11px sans-serif; color: #ccc; padding: 2px 4px; box-sizing: border-box; }
 .di-chart svg { width: 100%; height: 110px; background: #1e1e1e; border: 1px solid #444; }
 .di-chart .di-legend span { margin-right: 8px; white-space: nowrap; }
+.di-chart .di-warning { color: #ffb74d; margin-top: 3px; white-space: normal; }
 `;
 
 function injectStyle() {
@@ -179,7 +181,7 @@ function addAlignmentView(node) {
   schedule();
 }
 
-function renderChart(node, chart) {
+function renderChart(node, chart, warnings = []) {
   injectStyle();
   let holder = node.diChart;
   if (!holder) {
@@ -221,7 +223,13 @@ function renderChart(node, chart) {
     item.textContent = `■ ${name}${last === undefined ? "" : ` (last ${last.toPrecision(3)})`}`;
     legend.appendChild(item);
   });
-  holder.element.replaceChildren(titleEl, svg, legend);
+  const notes = warnings.map((text) => {
+    const note = document.createElement("div");
+    note.className = "di-warning";
+    note.textContent = `⚠ ${text}`;
+    return note;
+  });
+  holder.element.replaceChildren(titleEl, svg, legend, ...notes);
 }
 
 app.registerExtension({
@@ -246,7 +254,7 @@ app.registerExtension({
       nodeType.prototype.onExecuted = function (message) {
         const result = executed?.apply(this, arguments);
         const chart = message?.direct_inversion_chart?.[0];
-        if (chart) renderChart(this, chart);
+        if (chart) renderChart(this, chart, message?.direct_inversion_warnings ?? []);
         return result;
       };
     }

@@ -142,3 +142,39 @@ def test_an_editor_that_would_do_nothing_is_said_on_the_node_and_in_the_log(good
 def test_a_working_editor_sends_no_warning(comfy_env):
     executor, _, _ = run_prompt(editor_graph("ddim", "DirectInversion_MasaCtrlEditor", MASACTRL_INPUTS, steps=4))
     assert executor.success and "direct_inversion_warnings" not in executor.history_result["outputs"]["5"]
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda t, m: t.update(z_star=t["z_star"].to(torch.int64)), "the tensor 'z_star' has dtype int64"),
+    (lambda t, m: m.pop("latent_shape"), "the field 'latent_shape' is missing"),
+    (lambda t, m: m.update(timesteps=m["timesteps"][:2]), "it is inconsistent: its trajectory has 4 steps"),
+])
+def test_load_inversion_refuses_a_damaged_file(good_edit, comfy_env, tamper, message):
+    """Save Inversion writes a file; once damaged, Load Inversion says what is wrong with it (the sampler never runs)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, output_dir = comfy_env
+    graph = edit_graph(steps=4)
+    graph["13"] = {"class_type": "DirectInversion_SaveInversion",
+                   "inputs": {"inversion": ["4", 0], "filename_prefix": "damaged/inv"}}
+    executor, _, _ = run_prompt(graph)
+    assert executor.success
+    path = sorted((output_dir / "inversions" / "damaged").glob("inv_*.safetensors"))[-1]
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["inversion"])
+    tamper(tensors, meta)
+    save_file(tensors, str(path), metadata={"inversion": json.dumps(meta)})
+
+    graph = edit_graph(steps=4)
+    graph["4"] = {"class_type": "DirectInversion_LoadInversion",
+                  "inputs": {"model": ["2", 0], "inversion_file": f"damaged/{path.name}", "latent": ["3", 0]}}
+    for node in ("8", "9", "10", "11"):
+        graph.pop(node)
+    error = failure(graph)
+    assert error["node_id"] == "4"
+    assert error["exception_message"].startswith(f"Cannot read {path.name}: ") and message in error["exception_message"]
+    assert good_edit()

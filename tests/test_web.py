@@ -1,7 +1,8 @@
 """The web extension against a real ComfyUI server (``main.py --cpu`` on 127.0.0.1): the alignment route with good
-and bad requests, the extension's files being served, and a browser test (Debian's Chromium driven by Playwright)
-with ComfyUI's official frontend: the P2P alignment view, the per-step chart after a tiny-model run, and a
-screenshot kept under ``test-artifacts/``."""
+and bad requests (lone surrogates and deeply nested JSON among them: 4xx with ``{"error"}`` and no traceback in the
+server's log) and with random bodies (the strategies of test_web_api_properties), the extension's files being
+served, and a browser test (Debian's Chromium driven by Playwright) with ComfyUI's official frontend: the P2P
+alignment view, the per-step chart after a tiny-model run, and a screenshot kept under ``test-artifacts/``."""
 from __future__ import annotations
 
 import json
@@ -16,9 +17,11 @@ import urllib.request
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
 import di_testing as T
+from test_web_api_properties import bodies, check_answer
 
 ARTIFACTS = T.ROOT / "test-artifacts"
 CHROMIUM_SKIP = ("Chromium or Playwright not found: the browser test needs `apt-get install chromium` and "
@@ -124,6 +127,50 @@ def test_route_rejects_an_oversized_body(server):
     url, _ = server
     got, answer = post(url, b"x" * (64 * 1024), raw=True)
     assert got == 413 and "larger than" in answer["error"]
+
+
+GOOD = {"source": "a cat sitting on a bench", "target": "a dog sitting on a bench", "tokenizer": "sd1"}
+DEEP = "nests arrays and objects more than 32 deep"
+
+
+@pytest.fixture(scope="module")
+def good_answer(server):
+    status, answer = post(server[0], GOOD)
+    assert status == 200
+    return answer
+
+
+@pytest.mark.parametrize("body, status, message", [
+    pytest.param({"source": "a \ud800 cat", "target": "a dog"}, 400,
+                 "The source prompt is not valid text: character 2 is a lone surrogate (U+D800)",
+                 id="surrogate-source"),
+    pytest.param({"source": "a cat", "target": "a dog \udc00"}, 400,
+                 "The target prompt is not valid text: character 6 is a lone surrogate (U+DC00)",
+                 id="surrogate-target"),
+    pytest.param(b'{"source": "a \xed\xa0\x80 cat", "target": "a dog"}', 400, "The source prompt is not valid text",
+                 id="surrogate-utf8"),
+    pytest.param(b"[" * 5000 + b"]" * 5000, 400, DEEP, id="nested-arrays"),
+    pytest.param(b'{"a":' * 2500 + b"0" + b"}" * 2500, 400, DEEP, id="nested-objects"),
+    pytest.param(b'{"source": "a", "target": "b", "x": ' + b"[" * 4000 + b"]" * 4000 + b"}", 400, DEEP,
+                 id="nested-field"),
+])
+def test_route_rejects_bad_input_without_a_traceback(server, good_answer, body, status, message):
+    url, base = server
+    log = base / "server.log"
+    start = log.stat().st_size
+    got, answer = post(url, body, raw=isinstance(body, bytes))
+    assert got == status and message in answer["error"], (got, answer)
+    assert post(url, GOOD) == (200, good_answer)
+    written = log.read_bytes()[start:].decode(errors="replace")
+    assert "Traceback" not in written and "Error handling request" not in written, written[-3000:]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(raw=bodies)
+def test_route_answers_random_bodies_as_documented(server, raw):
+    got, answer = post(server[0], raw, raw=True)
+    check_answer(raw, got, answer)
 
 
 def test_extension_files_are_served(server):

@@ -33,7 +33,7 @@ from .p2p_alignment import TokenizedPrompt, auto_mode, equalizer, refinement_map
 __all__ = ["P2P_MODES", "P2PController", "P2PEditor", "prompt_to_prompt"]
 
 P2P_MODES = ("auto", "replace", "refine")
-REWEIGHT_LIMIT = 100.0  # |scale| of a word's attention; the reference's examples stay within 10
+REWEIGHT_LIMIT = 100.0  # |scale| of a word's attention: beyond it a value only makes the attention overflow
 MAP_FACTOR = 4  # 16 x 16 maps for a 64 x 64 latent, as the reference's local blend and attention views
 SELF_MAX_QUERIES = 32 * 32
 

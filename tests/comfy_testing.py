@@ -63,13 +63,17 @@ def _nan_latent():
 def _overflowing_sd15():
     """The tiny SD1.5 set-up whose UNet returns NaN for the sampler's target branch once sigma falls below 3 (as an
     fp16 overflow would), while inversion and the source branch run normally."""
+    T.load_pack()
+    from comfyui_direct_inversion.adapters.comfyui_backend import BRANCH_OPTION
+    from comfyui_direct_inversion.inversion import BRANCH_TARGET
+
     model, *rest = _tiny_sd15()
     model = model.clone()
 
     def wrapper(apply_model, args):
         out = apply_model(args["input"], args["timestep"], **args["c"])
         options = args["c"].get("transformer_options", {})
-        if options.get("direct_inversion_branch") == "target" and float(args["timestep"].max()) < 3.0:
+        if options.get(BRANCH_OPTION) == BRANCH_TARGET and float(args["timestep"].max()) < 3.0:
             out = out * float("nan")
         return out
 

@@ -13,9 +13,11 @@ def proximal_delta(delta: torch.Tensor, mode: str, quantile: float) -> torch.Ten
     PnPInversion's ``proximal_guidance_diffusion_step``): shrink the guidance direction delta = eps_c - eps_u.
 
     The threshold is the ``quantile`` of |delta| per sample (a negative ``quantile`` is a fixed threshold -quantile).
-    ``l0`` keeps only entries above it, shrunk by it (delta - clamp(delta, -thr, thr)); ``l1`` shrinks those once
-    more by the threshold. The reference takes the quantile over its whole [source, target] batch; here each image
-    of each branch gets its own.
+    ``l0`` keeps only entries above it, shrunk by it (delta - clamp(delta, -thr, thr)); ``l1`` then applies the
+    reference's two ``torch.where`` shrinks in turn, which is lopsided: delta - 2 thr for delta >= 2 thr, delta - thr
+    for thr < delta < 2 thr, and delta + 2 thr for every delta < -thr (so entries in (-2 thr, -thr) change sign), as
+    PnPInversion computes it. The reference takes the quantile over its whole [source, target] batch; here each
+    image of each branch gets its own.
     """
     if mode == "none":
         return delta

@@ -8,9 +8,13 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
+import platform
+import statistics
 import sys
 
 import pytest
+import torch
 
 import di_testing
 
@@ -63,20 +67,61 @@ def test_comfyui_recognises_the_benchmark_unets(comfyui_path, harness, size, exp
 
 STEPS = 3
 CASES = ["ddim + DI + P2P", "edict", "reference loop (DI + P2P)"]
+# what each case runs (method, editor, offsets), as the benchmark's documentation describes it
+CASE_SETUP = {"ddim + DI + P2P": ("ddim", "p2p", "source"), "edict": ("edict", None, "off"),
+              "reference loop (DI + P2P)": ("reference", None, "source")}
+CASE_FIELDS = {"case", "method", "editor", "offsets", "backend", "size", "device", "dtype", "steps", "unet_evals",
+               "seconds_median", "seconds_all", "peak_mib", "peak_kind", "weights_mib"}
+INVERSION_FIELDS = {"unet_evals_inversion", "seconds_inversion"}  # cases of the pack's adapters only
+TARGET_RUN = "not judged: set for size sd15, device cuda, dtype float16, steps 50"
 
 
 def _run(bench_run, tmp_path, backend: str) -> dict:
     path = tmp_path / f"{backend}.json"
-    bench_run.main(["--steps", str(STEPS), "--repeats", "1", "--backend", backend, "--json", str(path),
-                    "--cases", *CASES])
+    returned = bench_run.main(["--steps", str(STEPS), "--repeats", "1", "--backend", backend, "--json", str(path),
+                               "--cases", *CASES])
     report = json.loads(path.read_text())
-    assert report == json.loads(json.dumps(report))
+    assert report == returned  # the file holds the whole report the command made, nothing lost or stale
     return report
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_report(report: dict, backend: str) -> None:
+    assert set(report) == {"run", "environment", "cases", "targets"}
+    assert report["run"] == {"size": "tiny", "backend": backend, "device": "cpu", "dtype": "float32",
+                             "steps": STEPS, "repeats": 1, "inner_steps": 0}
+    env = report["environment"]
+    assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
+    assert env["machine"] == platform.machine() and "gpu" not in env  # a CPU run names no GPU
+    assert isinstance(env["cpu_threads"], int) and env["cpu_threads"] >= 1
+
     cases = {c["case"]: c for c in report["cases"]}
     assert list(cases) == CASES
+    # the tiny UNet's float32 weights, counted here: every case measures that model (ComfyUI's copy has the
+    # same weights), the reference loop included (it runs the UNet in float32)
+    tiny = di_testing.tiny_diffusers_unet()
+    weights_mib = sum(p.numel() for p in tiny.parameters()) * 4 / 2 ** 20
+    for name, case in cases.items():
+        own = name != "reference loop (DI + P2P)"
+        assert set(case) == CASE_FIELDS | (INVERSION_FIELDS if own else set()), name
+        assert (case["method"], case["editor"], case["offsets"]) == CASE_SETUP[name]
+        assert (case["size"], case["device"], case["dtype"], case["steps"]) == ("tiny", "cpu", "float32", STEPS)
+        assert case["backend"] == (backend if own else "diffusers")
+        assert isinstance(case["unet_evals"], int) and case["unet_evals"] > 0
+        assert case["weights_mib"] == pytest.approx(weights_mib, rel=1e-12), name
+        # one timed run after the warm-up: its time is the median; a few seconds at most for 3 tiny steps
+        assert len(case["seconds_all"]) == 1 and all(_finite(t) and t > 0 for t in case["seconds_all"])
+        assert case["seconds_median"] == statistics.median(case["seconds_all"]) < 600
+        # peak RSS of a process that imported torch and ran the tiny model: above its weights, below 64 GiB
+        assert _finite(case["peak_mib"]) and case["weights_mib"] + 50 < case["peak_mib"] < 64 * 1024
+        assert case["peak_kind"] == "process peak RSS"
+        if own:  # the inversion is part of the timed run and of its evaluations
+            assert _finite(case["seconds_inversion"]) and 0 < case["seconds_inversion"] < case["seconds_median"]
+            inverted = case["unet_evals_inversion"]
+            assert isinstance(inverted, int) and 0 < inverted < case["unet_evals"]
     steps = STEPS - 1  # the last of the schedule's steps has zero length and is not evaluated
     # DDIM inversion: 1 sample a step; the edit: source conditional + target unconditional and conditional
     assert cases["ddim + DI + P2P"]["unet_evals_inversion"] == steps
@@ -88,15 +133,23 @@ def _check_report(report: dict, backend: str) -> None:
     assert cases["edict"]["unet_evals"] == 2 * 2 * edict_steps + 2 * 2 * 2 * edict_steps
     # the reference-style loop: inversion (1), offset pass (4) and edit (4) at every step
     assert cases["reference loop (DI + P2P)"]["unet_evals"] == 9 * STEPS
-    assert cases["reference loop (DI + P2P)"]["backend"] == "diffusers"
-    assert cases["ddim + DI + P2P"]["backend"] == backend
-    for case in cases.values():
-        assert case["seconds_median"] > 0 and case["peak_mib"] > case["weights_mib"] > 0
-        assert case["peak_kind"] == "process peak RSS" and len(case["seconds_all"]) == 1
-    verdicts = {t["target"]: t["verdict"] for t in report["targets"]}
-    assert len(verdicts) == 4  # no NT row, no EDICT / DDIM row: the NT and "ddim + DI" cases did not run
-    assert all(v.startswith("not judged") for v in verdicts.values())  # a 3-step tiny CPU run is no target run
-    assert report["run"]["size"] == "tiny" and report["environment"]["torch"]
+    # the targets: the rows whose cases ran (no NT row, no EDICT / DDIM row: the NT and "ddim + DI" cases did not),
+    # each with the figure it is about, none judged (a 3-step tiny CPU run is no target run)
+    ours, ref = cases["ddim + DI + P2P"], cases["reference loop (DI + P2P)"]
+    rows = {t["target"]: t for t in report["targets"]}
+    assert all(set(t) == {"target", "value", "limit", "unit", "at_most", "verdict"} for t in report["targets"])
+    expected = {  # target: (value, limit, unit, at most, verdict)
+        "UNet evals per image, DDIM + DI + P2P (inversion included)": (ours["unet_evals"], 200, "", True,
+                                                                       "not judged: set for 50 steps"),
+        "DDIM + DI + P2P edit, inversion included": (ours["seconds_median"], 1.5, " s", True, TARGET_RUN),
+        "peak memory over the UNet's weights, DDIM + DI + P2P": ((ours["peak_mib"] - ours["weights_mib"]) / 1024, 2.0,
+                                                                 " GiB", True, TARGET_RUN),
+        "reference loop / ours, time": (ref["seconds_median"] / ours["seconds_median"], 5.0, "x", False, TARGET_RUN)}
+    assert list(rows) == list(expected)
+    for name, (value, limit, unit, at_most, verdict) in expected.items():
+        row = rows[name]
+        assert _finite(row["value"]) and row["value"] == pytest.approx(value, rel=1e-12), name
+        assert (row["limit"], row["unit"], row["at_most"], row["verdict"]) == (limit, unit, at_most, verdict), name
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +165,12 @@ def test_benchmark_diffusers(diffusers_run):
     report, out = diffusers_run
     _check_report(report, "diffusers")
     assert "ref/ours" in out and "targets:" in out and "reference loop (DI + P2P)" in out
+    lines = out.splitlines()
+    for case in report["cases"]:  # the printed table shows the report's figures
+        line = next(line for line in lines if line.startswith(case["case"] + " "))
+        inv = case.get("unet_evals_inversion")
+        evals = str(case["unet_evals"]) if inv is None else f"{inv} + {case['unet_evals'] - inv} = {case['unet_evals']}"
+        assert line[27:49].strip() == evals and f"{case['seconds_median']:.3f}" in line, line
 
 
 def test_benchmark_comfyui_counts_as_diffusers(comfyui_path, bench_run, diffusers_run, tmp_path):

@@ -63,6 +63,93 @@ def test_replace_target_cross_attention_is_the_mapped_source_attention(diffusers
         torch.testing.assert_close(probs[..., 2], source[key][..., 2] / 2, rtol=0, atol=1e-6)
 
 
+def _probs(q, k, heads, scale):
+    """softmax(q k^T * scale) per head, float64, written here: ``[b, heads, queries, keys]``."""
+    split = lambda t: t.double().reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    return torch.softmax(split(q) @ split(k).transpose(-1, -2) * scale, dim=-1)
+
+
+def _layer_output(attn, probs, v):
+    """The attention layer's output from probabilities and values: heads merged, then ``attn.to_out``."""
+    b, heads, n, _ = probs.shape
+    vh = v.double().reshape(v.shape[0], v.shape[1], heads, -1).transpose(1, 2)
+    merged = (probs @ vh).transpose(1, 2).reshape(b, n, -1)
+    linear, dropout = attn.to_out
+    assert isinstance(dropout, torch.nn.Dropout) and not attn.residual_connection
+    weight, bias = linear.weight.detach().double(), linear.bias.detach().double()
+    return torch.nn.functional.linear(merged, weight, bias) / attn.rescale_output_factor
+
+
+def test_layer_outputs_recomputed_from_the_projections_the_layers_made(diffusers_backend, editors, edit_setup):
+    """Every attention layer's output, recomputed here from the q, k, v its own projections computed (forward hooks
+    on to_q / to_k / to_v and on the layer): the source's own attention; the target's unconditional half its own;
+    its conditional half, inside the windows, the source's probabilities (cross-attention: through the word mapping,
+    then reweighted) over the target's values, and its own attention after them."""
+    unet = edit_setup["unet"]
+    layers = diffusers_backend.attention_layers(unet)
+    modules = {name: unet.get_submodule(name.rsplit(".", 1)[0]) for name in layers}
+    calls = {}  # (layer, "q" / "k" / "v" / "out") -> one tensor per call of the layer, in call order
+    handles = []
+    for name, attn in modules.items():
+        for which, module in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn)):
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, key=(name, which): calls.setdefault(key, []).append(out.detach().clone())))
+    cross_steps, self_steps = 5, 3  # int(0.5 * 10), int(0.3 * 10)
+    editor = p2p(editors, "a cat on a bench", "a motorbike on a bench", cross_replace_steps=0.5,
+                 self_replace_steps=0.3, reweight=[("motorbike", 2.0)])
+    try:
+        out = run(edit_setup, edit_setup["target"], editor)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(out.source, edit_setup["z0"])
+    # the word mapping, written out: <start> a cat on a bench <end> -> <start> a motorbike(2 tokens) on a bench <end>;
+    # "cat"'s map is split over motorbike's two tokens, whose attention the reweight then doubles
+    mapper = torch.zeros(T.TOKENS, T.TOKENS, dtype=torch.float64)
+    for src, tgt, weight in [(0, 0, 1), (1, 1, 1), (2, 2, 0.5), (2, 3, 0.5), (3, 4, 1), (4, 5, 1), (5, 6, 1), (6, 7, 1)]:
+        mapper[src, tgt] = weight
+    reweight = torch.tensor([1, 1, 2, 2, 1, 1, 1, 1], dtype=torch.float64)
+    assert torch.equal(editor.cross_mapping()[1][:T.TOKENS, :T.TOKENS].double(), mapper)
+
+    evaluated = STEPS - 1  # the last step has zero length: no prediction
+    changes = {}  # (layer, step) -> how far the edit moved the conditional half's output
+    for name, attn in modules.items():
+        cross = layers[name].cross
+        q, k, v, got = (calls[(name, which)] for which in ("q", "k", "v", "out"))
+        assert len(got) == 2 * evaluated  # per step: the source (its conditional half alone), then the target
+        for n in range(evaluated):
+            (q_s, q_t), (k_s, k_t), (v_s, v_t) = (x[2 * n: 2 * n + 2] for x in (q, k, v))
+            out_s, out_t = got[2 * n], got[2 * n + 1]
+            assert q_s.shape[0] == 1 and q_t.shape[0] == 2  # the target batches [unconditional, conditional]
+            if cross:
+                assert k_s.shape[1] == T.TOKENS
+            source_probs = _probs(q_s, k_s, attn.heads, attn.scale)
+            torch.testing.assert_close(out_s.double(), _layer_output(attn, source_probs, v_s), rtol=0, atol=1e-5)
+            own = _probs(q_t, k_t, attn.heads, attn.scale)
+            edits = n < (cross_steps if cross else self_steps)
+            if not edits:
+                cond = own[1:]
+            elif cross:
+                cond = torch.einsum("bhpw,wn->bhpn", source_probs, mapper) * reweight
+            else:
+                cond = source_probs
+            expected = _layer_output(attn, torch.cat([own[:1], cond]), v_t)
+            torch.testing.assert_close(out_t.double(), expected, rtol=0, atol=1e-5)
+            if edits:
+                changes[(layers[name], n)] = (_layer_output(attn, own[1:], v_t[1:]) - expected[1:]).abs().max()
+    # the edited calls (four layers of each kind in the tiny UNet) are told apart from unedited ones far beyond the
+    # tolerance -- except the first self-attention layer at the first step, whose input the two branches share (z_T,
+    # before any cross-attention has seen the prompts)
+    assert sorted((layer.cross, layer.order, n) for layer, n in changes) == sorted(
+        [(True, i, n) for i in range(4) for n in range(cross_steps)] +
+        [(False, i, n) for i in range(4) for n in range(self_steps)])
+    for (layer, n), change in changes.items():
+        if layer.cross:
+            assert change > 0.1, (layer.key, n)
+        elif (layer.order, n) != (0, 0):
+            assert change > 0.01, (layer.key, n)
+
+
 def test_reweight_one_is_a_no_op_and_zero_removes_the_word(diffusers_backend, editors, edit_setup):
     base = p2p(editors, "a cat on a bench", "a dog on a bench", cross_replace_steps=1.0, self_replace_steps=0.5)
     ones = p2p(editors, "a cat on a bench", "a dog on a bench", cross_replace_steps=1.0, self_replace_steps=0.5,

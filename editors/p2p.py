@@ -283,6 +283,8 @@ class P2PController(EditController):
 
     def _word_mask(self, branch: str, words: Sequence[str], shape) -> torch.Tensor:
         maps = self.average_maps(branch)
+        if maps is None:  # no map recorded yet (e.g. EDICT at 2 steps): the target is left as it is
+            return torch.ones((1, 1) + tuple(shape), dtype=torch.bool)
         prompt = self.editor.source if branch == "source" else self.editor.target
         positions = sorted({p for word in words for p in word_positions(prompt, word)})
         selected = maps[..., [p for p in positions if p < maps.shape[-1]]].sum(-1)[:, None]  # [B, 1, h, w]

@@ -204,6 +204,17 @@ def test_local_blend_with_words_keeps_the_source_outside_their_attention(diffuse
         p2p(editors, "a cat on a bench", "a dog on a bench", blend_target_words=["horse"])
 
 
+def test_local_blend_before_any_map_leaves_the_target_alone(diffusers_backend, editors, edit_setup):
+    """EDICT at 2 steps blends after its first step, before the source's maps exist: the target is kept as it is
+    (this raised AttributeError once)."""
+    inversion = T.invert_with(edit_setup, "edict", steps=2)
+    editor = dataclasses.replace(p2p(editors, "a cat on a bench", "a dog on a bench", blend_source_words=["cat"],
+                                     blend_target_words=["dog"]), record=True)
+    out = T.diffusers_edit(edit_setup, edit_setup["target"], editor, inversion=inversion)
+    assert torch.isfinite(out.edited).all()
+    assert out.editor_state.blend_masks and all(bool((m == 1).all()) for _, m in out.editor_state.blend_masks)
+
+
 def test_clear_errors(editors):
     with pytest.raises(ValueError, match="replace needs prompts with the same number of words.*use refine"):
         p2p(editors, "a cat on bench", "a fluffy cat on bench", mode="replace")

@@ -11,7 +11,7 @@ tokens and 77 positions, pre-norm causal self-attention layers, a final layer no
 as SD1 uses it) is the UNet's cross-attention context. The empty prompt is the unconditional input, as on SD1.
 
 ``load()`` reads the committed weights (``weights/*.safetensors``); ``comfy_model()`` gives ComfyUI's SD15 family
-the same UNet (ComfyUI's own diffusers-to-ldm key map).
+the same UNet (ComfyUI's own diffusers-to-ldm key map; its GroupNorms set to the toy's 16 groups).
 """
 from __future__ import annotations
 
@@ -173,5 +173,10 @@ def comfy_model(unet):
     key_map = comfy.utils.unet_to_diffusers(config.unet_config)
     model.diffusion_model.load_state_dict({ldm: state[name] for name, ldm in key_map.items() if name in state},
                                           strict=True)
+    # ComfyUI's ldm UNet builds every GroupNorm with 32 groups; the toy UNet was trained with 16 (its narrowest
+    # level has 32 channels). Group count is not a weight: set it on the modules.
+    for module in model.diffusion_model.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.num_groups = unet.config.norm_num_groups
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())

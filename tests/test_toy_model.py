@@ -1,0 +1,181 @@
+"""The project's trained toy text-to-image model (benchmarks/toy/): its parts, its training script, and what the
+methods and editors do on a denoiser that has learned something.
+
+The edit-property bounds below are set from ``python benchmarks/toy_edits.py`` (50 images; README, "The toy model")
+with a margin for the smaller image set tested here; each comment gives the measured figure. They state the
+properties the issue asks for (the edit edits, Direct Inversion keeps the background better than DDIM, ...), not
+snapshot values.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+import di_testing
+
+ROOT = di_testing.ROOT
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.toy import checker, data, model  # noqa: E402
+from benchmarks.toy.tokenizer import ClipTokenizer, tokenizer  # noqa: E402
+
+TEST_IMAGES = 6  # the first images of the benchmark's edit set
+STEPS = 50
+
+
+def _toy_edits():
+    name = "di_benchmarks_toy_edits"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "toy_edits.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return model.load()
+
+
+# ------------------------------------------------------------------------------------------------ the parts
+
+def all_captions() -> list[str]:
+    return [data.caption(shape, style, colour, background) for shape in data.SHAPES for style in data.STYLES
+            for colour in data.COLOURS for background in data.BACKGROUNDS]
+
+
+def test_every_caption_word_is_one_clip_token():
+    tok = tokenizer()
+    for caption in all_captions():
+        assert len(tok.ids(caption)) == len(caption.split()), caption
+    window = tok("a solid red circle on a white background")[0]
+    assert window.shape == (77,) and window[0] == 49406 and window[9] == 49407 and (window[9:] == 49407).all()
+    assert tok.decode(tok.ids("a hollow purple triangle on a gray background")) == \
+        "a hollow purple triangle on a gray background"
+
+
+def test_tokenizer_is_comfyuis_sd1_tokenizer(comfyui_path):
+    """Our BPE gives the ids of the CLIP tokenizer ComfyUI's SD1 text encoder uses (transformers')."""
+    import transformers  # one of ComfyUI's requirements
+    folder = comfyui_path / "comfy" / "sd1_tokenizer"
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    ours = ClipTokenizer()
+    assert ours.encoder == json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    texts = all_captions() + ["a photo of a cat sitting on a bench", "Two dogs, running; on the grass!",
+                              "an outlined turquoise hexagon", "it's 4 o'clock"]
+    for text in texts:
+        assert ours.ids(text) == reference(text, add_special_tokens=False).input_ids, text
+        assert ours.window(text) == reference(text, padding="max_length", max_length=77).input_ids, text
+
+
+def test_data_is_a_function_of_the_seed_and_masks_fit_the_pictures():
+    first, again = data.batch(range(5, 9)), data.batch(range(5, 9))
+    assert torch.equal(first["images"], again["images"]) and first["captions"] == again["captions"]
+    assert not torch.equal(first["images"], data.batch(range(9, 13))["images"])
+    for image, mask, sample in zip(first["images"], first["masks"], first["samples"]):
+        bg = torch.tensor(data.BACKGROUNDS[sample.background]) / 255.0
+        outside = ~checker.grow(mask, 1)
+        assert torch.allclose(image[:, outside], bg.view(3, 1).expand(3, int(outside.sum())), atol=1e-6)
+        assert mask.float().mean() > 0.03
+
+
+def test_the_checker_reads_the_ground_truth_right():
+    """On 300 held-out pictures drawn from their captions, the analytic checker names every attribute right."""
+    drawn = data.batch(data.held_out_seeds(300))
+    for image, sample in zip(drawn["images"], drawn["samples"]):
+        seen = checker.analyse(image)
+        assert (seen.colour, seen.shape, seen.style, seen.background) == \
+            (sample.colour, sample.shape, sample.style, sample.background), sample
+    first = drawn["images"][0]
+    assert checker.background_scores(first, first, drawn["masks"][0])["bg_ssim"] == pytest.approx(1.0)
+    assert checker.background_scores(first, first * 0.5, drawn["masks"][0])["bg_psnr"] < 20
+
+
+def test_committed_weights_are_small_and_load(toy):
+    files = sorted(model.WEIGHTS.glob("*.safetensors"))
+    assert [f.name for f in files] == ["text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
+    assert sum(f.stat().st_size for f in files) <= 20 * 10 ** 6
+    assert toy.unet.config.cross_attention_dim == model.CONFIG["context_dim"]
+    embeds = toy.embed(["a solid red circle on a white background", ""])
+    assert embeds.shape == (2, 77, model.CONFIG["context_dim"]) and torch.isfinite(embeds).all()
+
+
+def test_training_script_runs(tmp_path, capsys):
+    from benchmarks.toy import train
+
+    out = train.main(["--out", str(tmp_path), "--samples", "16", "--vae-steps", "2", "--vae-batch", "4",
+                      "--unet-steps", "2", "--unet-batch", "4"])
+    printed = capsys.readouterr().out
+    assert "[vae] step     2/2  loss" in printed and "[unet] step     2/2  loss" in printed and "[done]" in printed
+    trained = model.load(out)
+    z = trained.encode(data.batch([3])["images"])
+    assert z.shape == (1, 4, 16, 16) and torch.isfinite(trained.decode(z)).all()
+
+
+def test_comfyui_sd15_runs_the_toy_unet(comfyui_path, toy):
+    """ComfyUI's SD15 family loads the same UNet and predicts the same noise."""
+    patcher = model.comfy_model(toy.unet)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = toy.embed(["a solid red circle on a white background"])
+    t = torch.tensor([500])
+    with torch.no_grad():
+        ours = toy.unet(latent, t, encoder_hidden_states=context).sample
+        theirs = patcher.model.diffusion_model(latent, t.float(), context=context)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- edits on the trained model
+
+@pytest.fixture(scope="module")
+def measured():
+    """Every row of the benchmark for its first ``TEST_IMAGES`` edit images (the same code path, fewer images)."""
+    toy_edits = _toy_edits()
+    seeds = toy_edits.edit_seeds(TEST_IMAGES)
+    part = toy_edits.run_group((seeds, STEPS, model.WEIGHTS, torch.get_num_threads(), 0))
+    recon, edits = toy_edits.summarise([part])
+    return {r["row"]: r for r in recon}, {r["row"]: r for r in edits}
+
+
+def test_colour_swap_changes_the_colour_and_keeps_the_background(measured):
+    _, edits = measured
+    for name in ("Direct Inversion + P2P", "DDIM + P2P"):
+        row = edits[name]
+        assert row["success"] >= COLOUR_SWAP_SUCCESS, row
+        assert row["bg_psnr"] >= COLOUR_SWAP_BG_PSNR[name] and row["bg_ssim"] >= COLOUR_SWAP_BG_SSIM[name], row
+
+
+def test_direct_inversion_keeps_the_background_better_than_ddim(measured):
+    _, edits = measured
+    for editor in ("P2P", "PnP", "MasaCtrl"):
+        ddim, direct = edits[f"DDIM + {editor}"], edits[f"Direct Inversion + {editor}"]
+        assert direct["bg_psnr"] >= ddim["bg_psnr"] + DI_BG_PSNR_GAIN[editor], (ddim, direct)
+        assert direct["bg_mse"] < ddim["bg_mse"], (ddim, direct)
+        assert direct["success"] >= ddim["success"] - SUCCESS_SLACK, (ddim, direct)  # at equal edit success
+
+
+def test_reconstruction_behaves_as_on_stable_diffusion(measured):
+    recon, _ = measured
+    assert recon["Direct Inversion, cfg 7.5"]["latent_mse"] < 1e-10  # exact, by construction
+    assert recon["DDIM, cfg 1"]["latent_mse"] < recon["DDIM, cfg 7.5"]["latent_mse"] / DDIM_CFG_RATIO
+    assert recon["Null-text, cfg 7.5"]["latent_mse"] < recon["DDIM, cfg 7.5"]["latent_mse"] / NULL_TEXT_RATIO
+    assert recon["Null-text, cfg 7.5"]["psnr"] > recon["DDIM, cfg 7.5"]["psnr"]
+    assert recon["EDICT (its guidance 3)"]["latent_mse"] < 1e-6
+
+
+def test_masactrl_and_pnp_identity_edits_stay_closer_to_the_source(measured):
+    _, edits = measured
+    plain = edits["DDIM, no editor (identity)"]
+    for name in ("DDIM + MasaCtrl (identity)", "DDIM + PnP (identity)"):
+        assert edits[name]["psnr"] >= plain["psnr"] + IDENTITY_PSNR_GAIN[name], (plain, edits[name])
+
+
+def test_pnp_keeps_the_objects_mask(measured):
+    _, edits = measured
+    for name in ("DDIM + PnP", "Direct Inversion + PnP", "Direct Inversion + PnP (style)"):
+        assert edits[name]["mask_iou"] >= PNP_MASK_IOU, edits[name]

@@ -11,8 +11,9 @@ Prints three tables and writes them as JSON (``conditioning``, ``reconstruction`
    reconstruction: DDIM without offsets, Direct Inversion's pinned branch, the other methods as they sample);
 3. edits on held-out solid-style images: a colour swap (the object's colour word replaced by another colour) with
    no editor, Prompt-to-Prompt (replace, local blend on the shape word), MasaCtrl and Plug-and-Play, and a style
-   edit (solid -> hollow) with Plug-and-Play, and identity edits (target prompt = source prompt, DDIM without
-   offsets) without an editor, with MasaCtrl and with Plug-and-Play. Each row: edit success (the target attribute
+   edit (solid -> hollow) with Plug-and-Play, and identity edits (target prompt = source prompt; Direct Inversion,
+   so the source branch the editors read is the exact inversion while the target samples freely at cfg 7.5)
+   without an editor, with MasaCtrl and with Plug-and-Play. Each row: edit success (the target attribute
    read off the edited image by the checker; for identity edits, colour, shape and style unchanged), background
    PSNR/SSIM/MSE outside the source's object mask (grown by 2 px), the source/edit silhouette IoU, whether the
    shape is still read as the source's, whole-image PSNR against the source, UNet evaluations (samples, not calls)
@@ -73,9 +74,9 @@ EDIT_ROWS = (
     ("Direct Inversion + PnP", "ddim", "source", "pnp", "colour"),
     ("DDIM + PnP (style)", "ddim", "off", "pnp", "style"),
     ("Direct Inversion + PnP (style)", "ddim", "source", "pnp", "style"),
-    ("DDIM, no editor (identity)", "ddim", "off", None, "identity"),
-    ("DDIM + MasaCtrl (identity)", "ddim", "off", "masactrl", "identity"),
-    ("DDIM + PnP (identity)", "ddim", "off", "pnp", "identity"),
+    ("Direct Inversion, no editor (identity)", "ddim", "source", None, "identity"),
+    ("Direct Inversion + MasaCtrl (identity)", "ddim", "source", "masactrl", "identity"),
+    ("Direct Inversion + PnP (identity)", "ddim", "source", "pnp", "identity"),
 )
 # Reconstruction rows: (row name, method, offsets, cfg); taken from the source branch of an edit of the same image.
 RECONSTRUCTION_ROWS = (
@@ -169,7 +170,8 @@ def _editor(pack, toy, kind: str, source_text: str, target_text: str, shape_word
 
 def run_group(args: tuple) -> dict:
     """Every inversion, reconstruction and edit row for one group of images (runs in a worker process)."""
-    seeds, steps, weights, threads, keep_images = args
+    seeds, steps, weights, threads, keep_images, only = args
+    rows_run = [r for r in EDIT_ROWS if not only or any(word in r[0] for word in only)]
     torch.set_num_threads(threads)
     pack, data, checker, model = _pack()
     di = pack[0]
@@ -195,7 +197,7 @@ def run_group(args: tuple) -> dict:
            "images": {}}
 
     inversions, inversion_cost = {}, {}
-    for method in ("ddim", "null_text", "negative_prompt", "edict"):
+    for method in [m for m in ("ddim", "null_text", "negative_prompt", "edict") if any(r[1] == m for r in rows_run)]:
         counter.count, start = 0, time.perf_counter()
         if method == "null_text":  # optimised per image, as the reference does
             parts = [di.invert(toy.unet, toy.scheduler, z0[i:i + 1], source[i:i + 1], null[i:i + 1], steps=steps,
@@ -221,9 +223,10 @@ def run_group(args: tuple) -> dict:
         return edited, recon, evals, seconds
 
     # cfg-1 DDIM reconstruction (the others come from the edits' source branches below)
-    _, recon, _, _ = run_edit("ddim", "off", None, source, 1.0)
-    recon_rows = {"DDIM, cfg 1": recon}
-    for name, method, offsets, editor_kind, kind in EDIT_ROWS:
+    recon_rows = {}
+    if not only:
+        recon_rows["DDIM, cfg 1"] = run_edit("ddim", "off", None, source, 1.0)[1]
+    for name, method, offsets, editor_kind, kind in rows_run:
         editor = None
         if editor_kind is not None:
             editor = _editor(pack, toy, editor_kind, source_text[0], target_text[kind][0], samples[0].shape)
@@ -269,11 +272,15 @@ def summarise(parts: list[dict]) -> tuple[list[dict], list[dict]]:
     recon_rows = [{"row": "VAE alone (encode, decode)", "images": len(vae), "latent_mse": 0.0, "psnr": _mean(vae)}]
     for name, *_ in RECONSTRUCTION_ROWS:
         rows = [r for r in recon if r["row"] == name]
+        if not rows:
+            continue
         recon_rows.append({"row": name, "images": len(rows), "latent_mse": _mean(r["latent_mse"] for r in rows),
                            "psnr": _mean(r["psnr"] for r in rows)})
     edit_rows = []
     for name, method, offsets, editor, kind in EDIT_ROWS:
         rows = [r for r in edits if r["row"] == name]
+        if not rows:
+            continue
         edit_rows.append({"row": name, "method": method, "offsets": offsets, "editor": editor or "none", "edit": kind,
                           "images": len(rows), "success": _mean(r["success"] for r in rows),
                           "bg_psnr": _mean(r["bg_psnr"] for r in rows), "bg_ssim": _mean(r["bg_ssim"] for r in rows),
@@ -326,17 +333,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the committed ones)")
     parser.add_argument("--figure", type=Path, default=None, help="write example edits as one PNG here")
     parser.add_argument("--figure-images", type=int, default=2, help="images per group in the figure")
+    parser.add_argument("--rows", nargs="*", default=(), help="run only the edit rows whose name contains one of "
+                        "these words (and the inversions they need; no reconstruction table)")
     args = parser.parse_args(argv)
     pack, data, checker, model = _pack()
     weights = args.weights or model.WEIGHTS
     start = time.perf_counter()
     toy = model.load(weights)
-    cond_rows = conditioning(toy, data, checker, args.captions, args.steps)
+    cond_rows = [] if args.rows else conditioning(toy, data, checker, args.captions, args.steps)
     print_table(f"Conditioning: {args.captions} held-out captions, DDIM {args.steps}, cfg {EDIT_CFG}", cond_rows,
                 [("attribute", "attribute", 10, ""), ("correct", "correct", 7, "d"), ("of", "total", 4, "d"),
                  ("share", "share", 6, ".2f"), ("target", "target", 6, "")])
     seeds = edit_seeds(args.images)
-    groups = [(seeds[i:i + args.group], args.steps, weights, 1, args.figure_images if args.figure else 0)
+    groups = [(seeds[i:i + args.group], args.steps, weights, 1, args.figure_images if args.figure else 0,
+               tuple(args.rows))
               for i in range(0, len(seeds), args.group)]
     if args.workers > 1:
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:

@@ -58,15 +58,21 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1.0 - decay)
 
 
+def _image_batch(opt, step: int, steps: int, peak: float, images: torch.Tensor, batch: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Set the step's learning rate (50 warm-up steps, cosine) and draw a batch of images scaled to [-1, 1]."""
+    for group in opt.param_groups:
+        group["lr"] = _lr(step - 1, steps, peak, warmup=min(50, steps))
+    rows = torch.randint(len(images), (batch,), generator=generator)
+    return images[rows] * 2.0 - 1.0
+
+
 def train_vae(images: torch.Tensor, args, generator: torch.Generator):
     vae = make_vae().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     clock = _Clock()
     for step in range(1, args.vae_steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step - 1, args.vae_steps, args.vae_lr, warmup=min(50, args.vae_steps))
-        rows = torch.randint(len(images), (args.vae_batch,), generator=generator)
-        x = images[rows] * 2.0 - 1.0
+        x = _image_batch(opt, step, args.vae_steps, args.vae_lr, images, args.vae_batch, generator)
         z = vae.encode(x).latent_dist.mean
         recon = vae.decode(z).sample
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
@@ -85,10 +91,7 @@ def finetune_decoder(vae, images: torch.Tensor, args, generator: torch.Generator
     vae.decoder.requires_grad_(True).train()
     clock = _Clock()
     for step in range(1, args.decoder_steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step - 1, args.decoder_steps, args.decoder_lr, warmup=min(50, args.decoder_steps))
-        rows = torch.randint(len(images), (args.vae_batch,), generator=generator)
-        x = images[rows] * 2.0 - 1.0
+        x = _image_batch(opt, step, args.decoder_steps, args.decoder_lr, images, args.vae_batch, generator)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         recon = vae.decode(z).sample

@@ -18,8 +18,8 @@ import torch
 import di_testing
 
 ROOT = di_testing.ROOT
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # appended: the repository's nodes/ package must not shadow ComfyUI's nodes module
+    sys.path.append(str(ROOT))
 
 from benchmarks.toy import checker, data, model  # noqa: E402
 from benchmarks.toy.tokenizer import ClipTokenizer, tokenizer  # noqa: E402

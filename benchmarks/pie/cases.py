@@ -1,0 +1,130 @@
+"""The benchmark's cases: an inversion (with or without Direct Inversion's offsets) and an editor, with the
+settings of the benchmark's own runs (cure-lab/PnPInversion, run_editing_*.py).
+
+A case is named ``INVERSION[+EDITOR]``: ``ddim+p2p``, ``directinversion+p2p``, ``null_text+p2p``,
+``negative_prompt+p2p``, ``edict`` (EDICT's own coupled sampling, no editor), ``ddim+masactrl``,
+``directinversion+masactrl``, ``ddim+pnp``, ``directinversion+pnp``; any inversion goes with any editor. The
+benchmark's spellings (``null-text-inversion+p2p``, ``negative-prompt-inversion+p2p``, ``edict+direct_forward``)
+are read too.
+
+Settings (the benchmark's runs): 50 steps, cfg 7.5; P2P cross 0.4, self 0.6, local blend on ``blended_word`` and
+the target word reweighted by 2 (its ``eq_params``), replace when both prompts have as many words, refine otherwise;
+MasaCtrl from step 4 and layer 10 with the empty source prompt (the run inverts and reconstructs with ""); PnP with
+feature injection 0.8 and attention 0.5, its source branch on the empty prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+INVERSIONS = {  # name -> (the pack's inversion method, offsets)
+    "ddim": ("ddim", "off"),
+    "directinversion": ("ddim", "source"),
+    "null_text": ("null_text", "off"),
+    "negative_prompt": ("negative_prompt", "off"),
+    "edict": ("edict", "off"),
+}
+INVERSION_ALIASES = {
+    "direct_inversion": "directinversion", "direct-inversion": "directinversion", "di": "directinversion",
+    "pnp_inversion": "directinversion", "null-text-inversion": "null_text", "null-text": "null_text",
+    "nti": "null_text", "nt": "null_text", "negative-prompt-inversion": "negative_prompt",
+    "negative-prompt": "negative_prompt", "npi": "negative_prompt", "np": "negative_prompt",
+    "ddim_inversion": "ddim",
+}
+EDITORS = ("p2p", "masactrl", "pnp")
+EDITOR_ALIASES = {"prompt-to-prompt": "p2p", "prompt_to_prompt": "p2p", "direct_forward": None, "none": None,
+                  "plug-and-play": "pnp"}
+DEFAULT_CASES = ("ddim+p2p", "directinversion+p2p")
+
+
+class CaseError(ValueError):
+    """A case name that names no inversion or editor (the message lists the known ones)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run does to every image; recorded beside its outputs, so that a resumed run cannot mix settings."""
+
+    steps: int = 50
+    cfg: float = 7.5
+    p2p_cross: float = 0.4
+    p2p_self: float = 0.6
+    p2p_blend: bool = True
+    p2p_reweight: float = 2.0
+    masactrl_step: int = 4
+    masactrl_layer: Optional[int] = None  # None: layer 10 of SD1.x's 16 (the same place on other UNets)
+    pnp_feature: float = 0.8
+    pnp_attention: float = 0.5
+    pnp_block: int = 4  # the decoder block of feature injection and the first of attention injection (reference 4)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # canonical: the output folder's name
+    inversion: str  # key of INVERSIONS
+    editor: Optional[str]
+    settings: Settings = field(default_factory=Settings, compare=False)
+
+    @property
+    def method(self) -> str:
+        return INVERSIONS[self.inversion][0]
+
+    @property
+    def offsets(self) -> str:
+        return INVERSIONS[self.inversion][1]
+
+    @property
+    def empty_source(self) -> bool:
+        """MasaCtrl's benchmark run inverts with the empty prompt (its prompts are ["", target])."""
+        return self.editor == "masactrl"
+
+
+def parse_case(text: str, settings: Settings = Settings()) -> Case:
+    parts = [p.strip().lower() for p in str(text).split("+")]
+    if not parts[0] or len(parts) > 2:
+        raise CaseError(f"a case is INVERSION[+EDITOR], e.g. directinversion+p2p; got {text!r}")
+    inversion = INVERSION_ALIASES.get(parts[0], parts[0])
+    if inversion not in INVERSIONS:
+        raise CaseError(f"unknown inversion {parts[0]!r} in case {text!r}; known: {', '.join(INVERSIONS)}")
+    editor = None
+    if len(parts) == 2:
+        editor = EDITOR_ALIASES[parts[1]] if parts[1] in EDITOR_ALIASES else parts[1]
+        if editor is not None and editor not in EDITORS:
+            raise CaseError(f"unknown editor {parts[1]!r} in case {text!r}; known: {', '.join(EDITORS)} "
+                            "(or none)")
+    name = inversion if editor is None else f"{inversion}+{editor}"
+    return Case(name=name, inversion=inversion, editor=editor, settings=settings)
+
+
+def make_editor(case: Case, editors, model, entry, notes: list):
+    """The pack's editor for ``case`` on ``entry`` (``None`` without one). ``model`` gives ``words(text)`` (the
+    text encoder's tokenisation) and ``embed(texts)``; problems that the benchmark's scripts would not survive
+    either (a blend word missing from its prompt) drop that part of the edit and are noted."""
+    s = case.settings
+    if case.editor is None:
+        return None
+    if case.editor == "p2p":
+        source, target = model.words(entry.source_prompt, editors), model.words(entry.target_prompt, editors)
+        blend = {}
+        if s.p2p_blend and entry.blended_words:
+            blend = {"blend_source_words": [entry.blended_words[0]], "blend_target_words": [entry.blended_words[1]],
+                     "reweight": [(entry.blended_words[1], s.p2p_reweight)] if s.p2p_reweight != 1.0 else []}
+        try:
+            return editors.prompt_to_prompt(source, target, mode="auto", cross_replace_steps=s.p2p_cross,
+                                            self_replace_steps=s.p2p_self, **blend)
+        except ValueError as err:
+            if not blend:
+                raise
+            notes.append(f"local blend and reweight dropped: {err}")
+            return editors.prompt_to_prompt(source, target, mode="auto", cross_replace_steps=s.p2p_cross,
+                                            self_replace_steps=s.p2p_self)
+    if case.editor == "masactrl":
+        return editors.MasaCtrlEditor(start_step=s.masactrl_step, start_layer=s.masactrl_layer)
+    if case.editor == "pnp":
+        return editors.PnPEditor(feature_injection=s.pnp_feature, attention_injection=s.pnp_attention,
+                                 feature_block=s.pnp_block, attention_from_block=s.pnp_block,
+                                 source_conditioning=model.embed([""]))
+    raise CaseError(case.editor)

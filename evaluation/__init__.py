@@ -1,0 +1,1 @@
+"""Image-editing metrics of the PIE-Bench benchmark (``metrics``), as its evaluation code computes them."""

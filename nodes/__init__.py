@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .editor_nodes import NODES as EDITOR_NODES
 from .inversion_nodes import NODES as INVERSION_NODES
+from .metric_nodes import NODES as METRIC_NODES
 from .web_api import register
 
 
@@ -23,7 +24,7 @@ _register_routes()
 
 class DirectInversionExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*INVERSION_NODES, *EDITOR_NODES]
+        return [*INVERSION_NODES, *EDITOR_NODES, *METRIC_NODES]
 
 
 async def comfy_entrypoint() -> DirectInversionExtension:

@@ -6,6 +6,8 @@
 // - Invert and Direct Inversion Sampler: after a run, a per-step chart sent by the node (source-branch error and
 //   Direct Inversion offset; step size and null-text loss for the inversion), and on the sampler the warnings the
 //   node sends (an editor whose settings make it do nothing).
+// - Edit Metrics: the scores' text the node sends (`text`, as PreviewAny's), shown on the node: the official
+//   frontend displays that text only for its own PreviewAny and SaveText nodes.
 // The attention-map grid of an editor run is shown on the sampler as ComfyUI's usual image preview.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -31,6 +33,8 @@ const STYLE = `
 .di-chart svg { width: 100%; height: 110px; background: #1e1e1e; border: 1px solid #444; }
 .di-chart .di-legend span { margin-right: 8px; white-space: nowrap; }
 .di-chart .di-warning { color: #ffb74d; margin-top: 3px; white-space: normal; }
+.di-metrics { font: 12px/15px monospace; color: #ddd; padding: 4px; white-space: pre; overflow: auto;
+              box-sizing: border-box; user-select: text; }
 `;
 
 function injectStyle() {
@@ -232,6 +236,28 @@ function renderChart(node, chart, warnings = []) {
   holder.element.replaceChildren(titleEl, svg, legend, ...notes);
 }
 
+const METRIC_LINE = 15; // px per line of the metrics text (12 px monospace)
+const METRIC_CHAR = 7.3; // px per character of it
+
+function renderMetrics(node, text) {
+  injectStyle();
+  let element = node.diMetrics;
+  if (!element) {
+    element = node.diMetrics = document.createElement("div");
+    element.className = "di-metrics";
+    // as tall as the text (with the padding and the margin the frontend takes off), scrolling past 24 lines
+    node.addDOMWidget("metrics", "di_metrics", element, {
+      serialize: false, hideOnZoom: false,
+      getMinHeight: () => 24 + METRIC_LINE * Math.min(24, (element.textContent || " ").split("\n").length) });
+  }
+  element.textContent = text;
+  const longest = Math.max(...text.split("\n").map((line) => line.length));
+  const size = node.computeSize?.() ?? node.size;
+  node.setSize?.([Math.max(node.size[0], size[0], Math.min(900, 24 + METRIC_CHAR * longest)),
+                  Math.max(node.size[1], size[1])]);
+  node.setDirtyCanvas?.(true, true);
+}
+
 app.registerExtension({
   name: "DirectInversion.web",
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -255,6 +281,15 @@ app.registerExtension({
         const result = executed?.apply(this, arguments);
         const chart = message?.direct_inversion_chart?.[0];
         if (chart) renderChart(this, chart, message?.direct_inversion_warnings ?? []);
+        return result;
+      };
+    }
+    if (nodeData.name === "DirectInversion_EditMetrics") {
+      const executed = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        const result = executed?.apply(this, arguments);
+        const text = message?.text;
+        if (text !== undefined) renderMetrics(this, Array.isArray(text) ? text.join("\n") : String(text));
         return result;
       };
     }

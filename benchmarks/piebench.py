@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                    "16, the same place on other UNets)")
     r.add_argument("--pnp-block", type=int, default=4, help="PnP's decoder block for feature injection and the "
                    "first with attention injection (reference: 4)")
+    r.add_argument("--p2p-mode", default="refine", choices=("refine", "replace", "auto"), help="Prompt-to-Prompt's "
+                   "mode (benchmark: refine for every image)")
+    r.add_argument("--png", action="store_true", help="save edits losslessly (default: JPEG at quality 75, as the "
+                   "benchmark's runs saved theirs)")
     r.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     r.add_argument("--half", action="store_true", help="float16 weights (diffusers models on a GPU)")
     r.add_argument("--comfyui-loader", default="CheckpointLoaderSimple", help=argparse.SUPPRESS)  # tests: a stand-in
@@ -104,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cases", nargs="+", default=None, help="case folders to score (default: all)")
     e.add_argument("--types", nargs="+", default=None)
     e.add_argument("--per-type", action="store_true", help="also one table per editing type")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default=None, help="where DINO and CLIP run (default: cuda when available)")
 
     t = sub.add_parser("toy-data", help="write the toy benchmark (PIE-Bench's format, the toy model's data)")
     t.add_argument("--out", required=True)
@@ -125,9 +129,12 @@ def main(argv=None) -> int:
             print(f"toy benchmark: {len(pie_data.load(root))} images in {root}")
             return 0
         if args.command == "evaluate":
+            import torch
+
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             result = report.evaluate(_metrics(), args.data, args.out, cases=args.cases, dino=args.dino,
                                      clip=args.clip, lpips=args.lpips, types=args.types, per_type=args.per_type,
-                                     device=args.device, progress=_progress("evaluate"))
+                                     device=device, progress=_progress("evaluate"))
             print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
             print(f"wrote {len(result['rows'])} rows to {Path(args.out) / 'per_image.csv'}, summary.md, summary.png")
             return 0
@@ -140,7 +147,8 @@ def main(argv=None) -> int:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         settings = pie_cases.Settings(steps=args.steps, cfg=args.cfg, masactrl_layer=args.masactrl_layer,
-                                      pnp_block=args.pnp_block)
+                                      pnp_block=args.pnp_block, p2p_mode=args.p2p_mode,
+                                      save_format="png" if args.png else "jpg")
         cases = [pie_cases.parse_case(c, settings) for c in (args.cases or pie_cases.DEFAULT_CASES)]
         entries = pie_data.load(args.data, types=args.types, limit=args.limit,
                                 shard=pie_data.parse_shard(args.shard))

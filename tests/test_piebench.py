@@ -98,6 +98,13 @@ def test_loader_strips_brackets_and_filters(tmp_path):
     assert first.target_prompt == "a slanted rusty mountain bicycle on the road"
     assert entries[2].source_prompt == "painting of a bird on a branch"
     assert first.blended_words == ("bicycle", "bicycle") and entries[2].blended_words == ()
+    items = json.loads((tmp_path / "mapping_file.json").read_text())
+    items["000000000000"]["blended_word"] = "bicycle rusty frame"  # the scripts take the first two words
+    items["111000000000"]["blended_word"] = "dog"  # one word: both prompts
+    (tmp_path / "mapping_file.json").write_text(json.dumps(items))
+    reread = {e.key: e for e in pie.load(tmp_path)}
+    assert reread["000000000000"].blended_words == ("bicycle", "rusty")
+    assert reread["111000000000"].blended_words == ("dog", "dog")
     assert first.instruction == "Make the frame of the bike rusty" and entries[1].type_id == "1"
     assert [e.key for e in pie.load(tmp_path, types=["1", "9"])] == ["111000000000", "911000000000"]
     assert [e.key for e in pie.load(tmp_path, limit=2)] == ["000000000000", "111000000000"]
@@ -138,6 +145,34 @@ def test_case_names():
     for bad in ("stylediffusion+p2p", "ddim+pix2pix", "", "ddim+p2p+pnp"):
         with pytest.raises(pie_cases.CaseError):
             parse(bad)
+
+
+def test_editors_follow_the_benchmark_runs(toy_data):
+    """P2P: refine for every image (the runs never ask for replace), blend on blended_word, the target word
+    reweighted by 2; a blend word missing from its prompt drops blend and reweight with a note."""
+    _, editors = piebench._pack()
+    from benchmarks.pie import models
+
+    model = models.load_model("toy")
+    entry = next(e for e in pie.load(toy_data) if e.type_id == "6")  # same word count: auto would say replace
+    notes = []
+    editor = pie_cases.make_editor(pie_cases.parse_case("directinversion+p2p"), editors, model, entry, notes)
+    assert editor.mode == "refine" and editors.auto_mode(editor.source, editor.target) == "replace"
+    assert (editor.cross_replace_steps, editor.self_replace_steps) == (0.4, 0.6)
+    assert editor.blend_source_words == (entry.blended_words[0],) and editor.reweight == ((entry.blended_words[1], 2.0),)
+    assert notes == []
+    import dataclasses
+
+    odd = dataclasses.replace(entry, blended_words=("dog", "cat"))
+    editor = pie_cases.make_editor(pie_cases.parse_case("ddim+p2p"), editors, model, odd, notes)
+    assert editor.blend_source_words == () and editor.reweight == () and "dropped" in notes[0]
+    masactrl = pie_cases.make_editor(pie_cases.parse_case("ddim+masactrl"), editors, model, entry, [])
+    assert masactrl.start_step == 4 and masactrl.start_layer is None
+    pnp = pie_cases.make_editor(pie_cases.parse_case("ddim+pnp"), editors, model, entry, [])
+    assert (pnp.feature_injection, pnp.attention_injection, pnp.feature_block) == (0.8, 0.5, 4)
+    assert torch.equal(pnp.source_conditioning, model.embed([""]))
+    assert pie_cases.parse_case("ddim+pnp").negative_prompt == "ugly, blurry, black, low res, unrealistic"
+    assert pie_cases.parse_case("directinversion+p2p").negative_prompt == ""
 
 
 # ------------------------------------------------------------------------------------------------ runs on models
@@ -188,7 +223,11 @@ def test_run_resumes_and_refuses_other_settings(toy_data, tmp_path):
     saved = pie_run.edit_path(tmp_path, case.name, entries[0].image_path)
     from PIL import Image
 
-    assert Image.open(saved).size == (512, 512)  # saved at the data's resolution, not the model's 64
+    with Image.open(saved) as picture:  # saved at the data's resolution, not the model's 64, as the runs saved
+        assert picture.size == (512, 512) and picture.format == "JPEG" and saved.suffix == ".jpg"
+    assert pie_run.find_edit(tmp_path, case.name, entries[0].image_path) == saved
+    run_info = json.loads((tmp_path / case.name / "run.json").read_text())
+    assert run_info["p2p_mode"] == "refine" and run_info["resolution"] == 64 and run_info["dtype"] == "float32"
     counts = pie_run.run(pie_run.DiffusersRunner(pack, model), [case], pie.load(toy_data, limit=3), tmp_path)
     assert counts[case.name] == {"done": 1, "skipped": 2, "failed": 0}
     other = pie_cases.parse_case("directinversion+p2p", pie_cases.Settings(steps=4))
@@ -215,7 +254,12 @@ def test_run_records_a_failing_image_and_goes_on(toy_data, tmp_path, monkeypatch
     assert counts[case.name] == {"done": 1, "skipped": 0, "failed": 1}
     records = pie_run.read_records(tmp_path / case.name)
     assert "simulated" in records[entries[0].key]["error"] and "error" not in records[entries[1].key]
-    assert not pie_run.edit_path(tmp_path, case.name, entries[0].image_path).exists()
+    assert pie_run.find_edit(tmp_path, case.name, entries[0].image_path) is None
+    # a later run (another shard file) edits the failed image: its success is the record that counts
+    monkeypatch.setattr(pie_run, "edit_entry", real)
+    pie_run.run(pie_run.DiffusersRunner(pack, model), [case], entries, tmp_path, shard=(0, 1))
+    assert sorted(p.name for p in (tmp_path / case.name / "records").iterdir()) == ["0of1.jsonl", "all.jsonl"]
+    assert "error" not in pie_run.read_records(tmp_path / case.name)[entries[0].key]
 
 
 def _tiny_sd_folder(root: Path) -> Path:
@@ -282,7 +326,8 @@ def test_run_through_a_diffusers_folder(toy_data, tmp_path):
     for case in ("directinversion+p2p", "ddim+masactrl"):
         assert Image.open(pie_run.edit_path(out, case, entry.image_path)).size == (512, 512)
         run_info = json.loads((out / case / "run.json").read_text())
-        assert run_info["model"] == "sd" and run_info["steps"] == 3
+        assert run_info["model"] == str(folder.resolve()) and run_info["steps"] == 3 and run_info["resolution"] == 16 * 2
+        assert pie_run.read_records(out / case)[entry.key]["unet_evals"] > 0
     assert piebench.main(["run", "--data", str(toy_data), "--model", str(tmp_path / "nothing"), "--out",
                           str(out)]) == 2
     assert piebench.main(["run", "--data", str(toy_data), "--model", str(tmp_path), "--out", str(out)]) == 2

@@ -7,10 +7,15 @@ A case is named ``INVERSION[+EDITOR]``: ``ddim+p2p``, ``directinversion+p2p``, `
 benchmark's spellings (``null-text-inversion+p2p``, ``negative-prompt-inversion+p2p``, ``edict+direct_forward``)
 are read too.
 
-Settings (the benchmark's runs): 50 steps, cfg 7.5; P2P cross 0.4, self 0.6, local blend on ``blended_word`` and
-the target word reweighted by 2 (its ``eq_params``), replace when both prompts have as many words, refine otherwise;
-MasaCtrl from step 4 and layer 10 with the empty source prompt (the run inverts and reconstructs with ""); PnP with
-feature injection 0.8 and attention 0.5, its source branch on the empty prompt.
+Settings (the benchmark's runs): 50 steps, cfg 7.5; P2P in refine mode (the runs never pass
+``is_replace_controller``, so every image gets AttentionRefine), cross 0.4, self 0.6, local blend on
+``blended_word`` and the target word reweighted by 2 (its ``eq_params``); MasaCtrl from step 4 and layer 10 with the
+empty source prompt (the run inverts and reconstructs with ""); PnP with feature injection 0.8 and attention 0.5,
+its source branch on the empty prompt (unguided) and the target guided against the PnP run's negative prompt
+"ugly, blurry, black, low res, unrealistic"; edits saved as JPEG at PIL's default quality (75), as the runs saved them.
+
+Where a blend word is not in its prompt the benchmark's LocalBlend finds no tokens and keeps the source everywhere
+(the edit is lost); here the edit runs without local blend and reweight, and the record says so.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ EDITORS = ("p2p", "masactrl", "pnp")
 EDITOR_ALIASES = {"prompt-to-prompt": "p2p", "prompt_to_prompt": "p2p", "direct_forward": None, "none": None,
                   "plug-and-play": "pnp"}
 DEFAULT_CASES = ("ddim+p2p", "directinversion+p2p")
+PNP_NEGATIVE = "ugly, blurry, black, low res, unrealistic"  # run_editing_pnp.py's negative prompt
 
 
 class CaseError(ValueError):
@@ -47,6 +53,7 @@ class Settings:
 
     steps: int = 50
     cfg: float = 7.5
+    p2p_mode: str = "refine"  # the benchmark's runs: AttentionRefine for every image
     p2p_cross: float = 0.4
     p2p_self: float = 0.6
     p2p_blend: bool = True
@@ -56,6 +63,8 @@ class Settings:
     pnp_feature: float = 0.8
     pnp_attention: float = 0.5
     pnp_block: int = 4  # the decoder block of feature injection and the first of attention injection (reference 4)
+    pnp_negative: str = PNP_NEGATIVE  # the PnP run's negative prompt for the target (its source is unguided)
+    save_format: str = "jpg"  # "jpg": PIL's JPEG at quality 75, as the benchmark's runs saved; "png": lossless
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +84,11 @@ class Case:
     @property
     def offsets(self) -> str:
         return INVERSIONS[self.inversion][1]
+
+    @property
+    def negative_prompt(self) -> str:
+        """The edit's negative prompt: PnP's run guides its target against its own; the others use the empty one."""
+        return self.settings.pnp_negative if self.editor == "pnp" else ""
 
     @property
     def empty_source(self) -> bool:
@@ -100,9 +114,9 @@ def parse_case(text: str, settings: Settings = Settings()) -> Case:
 
 
 def make_editor(case: Case, editors, model, entry, notes: list):
-    """The pack's editor for ``case`` on ``entry`` (``None`` without one). ``model`` gives ``words(text)`` (the
-    text encoder's tokenisation) and ``embed(texts)``; problems that the benchmark's scripts would not survive
-    either (a blend word missing from its prompt) drop that part of the edit and are noted."""
+    """The pack's editor for ``case`` on ``entry`` (``None`` without one). ``model`` gives ``words(text, editors)``
+    (the text encoder's tokenisation) and ``embed(texts)``. A blend word missing from its prompt drops local blend
+    and reweight for this image, noted in ``notes``."""
     s = case.settings
     if case.editor is None:
         return None
@@ -113,13 +127,13 @@ def make_editor(case: Case, editors, model, entry, notes: list):
             blend = {"blend_source_words": [entry.blended_words[0]], "blend_target_words": [entry.blended_words[1]],
                      "reweight": [(entry.blended_words[1], s.p2p_reweight)] if s.p2p_reweight != 1.0 else []}
         try:
-            return editors.prompt_to_prompt(source, target, mode="auto", cross_replace_steps=s.p2p_cross,
+            return editors.prompt_to_prompt(source, target, mode=s.p2p_mode, cross_replace_steps=s.p2p_cross,
                                             self_replace_steps=s.p2p_self, **blend)
         except ValueError as err:
             if not blend:
                 raise
             notes.append(f"local blend and reweight dropped: {err}")
-            return editors.prompt_to_prompt(source, target, mode="auto", cross_replace_steps=s.p2p_cross,
+            return editors.prompt_to_prompt(source, target, mode=s.p2p_mode, cross_replace_steps=s.p2p_cross,
                                             self_replace_steps=s.p2p_self)
     if case.editor == "masactrl":
         return editors.MasaCtrlEditor(start_step=s.masactrl_step, start_layer=s.masactrl_layer)

@@ -30,6 +30,7 @@ class ComfyRunner:
 
         env = importlib.import_module(f"{pack_name}.headless.comfyui_env")
         self.headless = importlib.import_module(f"{pack_name}.headless.run")
+        self.editors = importlib.import_module(f"{pack_name}.editors")
         path = env.find_comfyui(str(comfyui_path) if comfyui_path else None)
         if path is None:
             raise pie.DataError("ComfyUI not found: pass --comfyui-path PATH or set COMFYUI_PATH")
@@ -42,6 +43,7 @@ class ComfyRunner:
                                 f"({', '.join(folder_paths.get_folder_paths('checkpoints'))})")
         self.checkpoint, self.loader, self.resolution = checkpoint, loader, int(resolution)
         self.name = f"comfyui:{checkpoint}"
+        self.settings = {"backend": "comfyui", "resolution": self.resolution}
         import comfy.model_management
 
         self.device = comfy.model_management.get_torch_device()
@@ -55,6 +57,18 @@ class ComfyRunner:
 
     def close(self) -> None:
         self._hook.remove()
+
+    def _missing_blend_words(self, entry: pie.Entry) -> str:
+        """Why the blend words cannot be used (a word not in its prompt, by the P2P editor's own word matching), or
+        "" when they can."""
+        one_id_per_word = lambda text: [0] * len(text.split())  # noqa: E731  (matching is by words)
+        problems = []
+        for word, text in zip(entry.blended_words, (entry.source_prompt, entry.target_prompt)):
+            try:
+                self.editors.word_positions(self.editors.tokenize_words(text, one_id_per_word, 1, 2), word)
+            except ValueError as err:
+                problems.append(str(err))
+        return "; ".join(problems)
 
     def prompt(self, case: Case, entry: pie.Entry, image_name: str, blend: bool = True) -> dict:
         """The API-format graph of one edit (``blend``: P2P's local blend and reweight from ``blended_word``)."""
@@ -81,7 +95,7 @@ class ComfyRunner:
                 if s.p2p_reweight != 1.0:
                     words |= {"reweight_words": entry.blended_words[1], "reweight_values": str(s.p2p_reweight)}
             editor = add("DirectInversion_P2PEditor", clip=[ckpt, 1], source_prompt=source_text,
-                         target_prompt=entry.target_prompt, mode="auto", cross_replace_steps=s.p2p_cross,
+                         target_prompt=entry.target_prompt, mode=s.p2p_mode, cross_replace_steps=s.p2p_cross,
                          self_replace_steps=s.p2p_self, reweight_words="", reweight_values="",
                          blend_source_words="", blend_target_words="", blend_threshold=0.3, blend_start=0.2)
             g[editor]["inputs"].update(words)
@@ -102,7 +116,10 @@ class ComfyRunner:
             source, target = [editor, 1], [editor, 2]
         inversion = add("DirectInversion_Invert", model=[ckpt, 0], latent=[latent, 0], source=source,
                         negative=[negative, 0], method=case.method, steps=s.steps, cfg=1.0)
-        sampler = {"model": [ckpt, 0], "inversion": [inversion, 0], "target": target, "negative": [negative, 0],
+        edit_negative = negative
+        if case.negative_prompt:
+            edit_negative = add("CLIPTextEncode", text=case.negative_prompt, clip=[ckpt, 1])
+        sampler = {"model": [ckpt, 0], "inversion": [inversion, 0], "target": target, "negative": [edit_negative, 0],
                    "cfg": s.cfg, "offsets": case.offsets}
         if editor is not None:
             sampler["editor"] = [editor, 0]
@@ -122,16 +139,17 @@ class ComfyRunner:
         from tqdm import tqdm
 
         quiet = lambda **kw: tqdm(disable=True, **kw)  # noqa: E731
+        blend = True
+        if case.editor == "p2p" and entry.blended_words and case.settings.p2p_blend:
+            missing = self._missing_blend_words(entry)
+            if missing:  # as the diffusers path: local blend and reweight dropped, noted
+                notes.append(f"local blend and reweight dropped: {missing}")
+                blend = False
         try:
-            saved = self.headless.run_prompt(self.prompt(case, entry, f"{INPUT_SUBFOLDER}/{name}"), quiet)
-        except self.headless.RunError as err:
-            # as the diffusers path: a blend word the prompt lacks drops local blend and reweight, noted
-            if case.editor != "p2p" or not entry.blended_words or "not in" not in str(err):
-                raise
-            notes.append(f"local blend and reweight dropped: {err}")
-            self.evals = 0
-            saved = self.headless.run_prompt(self.prompt(case, entry, f"{INPUT_SUBFOLDER}/{name}", blend=False),
+            saved = self.headless.run_prompt(self.prompt(case, entry, f"{INPUT_SUBFOLDER}/{name}", blend=blend),
                                              quiet)
+        finally:
+            (folder / name).unlink(missing_ok=True)
         seconds = time.perf_counter() - start
         if len(saved) != 1:
             raise RuntimeError(f"the graph saved {len(saved)} images, expected 1")

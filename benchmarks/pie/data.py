@@ -85,7 +85,14 @@ class Entry:
         return self.root / IMAGES / self.image_path
 
     def mask(self, shape: Sequence[int] = MASK_SHAPE) -> np.ndarray:
-        return mask_decode(self.rle, shape)
+        """The mask at ``shape``: decoded over the benchmark's 512 x 512 (its run-lengths index that grid), then
+        resized by nearest neighbour for data of another size."""
+        mask = mask_decode(self.rle, MASK_SHAPE)
+        if tuple(shape) != MASK_SHAPE:
+            rows = (np.arange(shape[0]) * MASK_SHAPE[0] // shape[0]).clip(0, MASK_SHAPE[0] - 1)
+            cols = (np.arange(shape[1]) * MASK_SHAPE[1] // shape[1]).clip(0, MASK_SHAPE[1] - 1)
+            mask = mask[rows][:, cols]
+        return mask
 
 
 def _entry(root: Path, key: str, item: dict) -> Entry:
@@ -96,9 +103,9 @@ def _entry(root: Path, key: str, item: dict) -> Entry:
     if type_id not in EDITING_TYPES:
         raise DataError(f"{MAPPING_FILE}: entry {key} has editing_type_id {type_id!r}; the benchmark's are 0-9")
     blended = str(item.get("blended_word") or "").split()
-    if blended and len(blended) != 2:
-        raise DataError(f"{MAPPING_FILE}: entry {key} has blended_word {item['blended_word']!r}; expected a source "
-                        "word and a target word separated by a space, or nothing")
+    if len(blended) == 1:  # one word for both prompts (the benchmark's scripts would fail on it)
+        blended = blended * 2
+    blended = blended[:2]  # the benchmark's scripts take the first two words
     return Entry(key=str(key), image_path=str(item["image_path"]),
                  source_prompt=strip_brackets(str(item["original_prompt"])),
                  target_prompt=strip_brackets(str(item["editing_prompt"])),

@@ -63,12 +63,12 @@ class DiffusersEditModel:
         except ImportError as err:
             raise ModelError("a diffusers model folder needs transformers (pip install transformers)") from err
 
-        root = Path(folder)
+        root = Path(folder).resolve()
         missing = [p for p in self.PARTS if not (root / p).is_dir()]
         if missing:
             raise ModelError(f"{root} is not a diffusers Stable Diffusion folder: no {', '.join(missing)} "
                              "subfolder(s). Give the folder holding model_index.json, unet/, vae/, ...")
-        self.name = root.name
+        self.name = str(root)  # the folder itself: two models of the same folder name must not share a run
         self.device = torch.device(device)
         self.dtype = dtype
         local = {"local_files_only": True}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import data as pie
-from .run import edit_path, load_image, read_records
+from .run import find_edit, load_image, read_records
 
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
@@ -70,11 +70,11 @@ class Scorer:
         else:
             self.skipped["structure_distance"] = "no DINO model given (--dino PATH: facebook/dino-vitb8)"
         if clip:
-            self.clip = metrics.ClipSimilarity(clip)
+            self.clip = metrics.ClipSimilarity(clip, device=device)
         else:
             self.skipped["clip_similarity_target_image"] = self.skipped["clip_similarity_target_image_edit_part"] = \
                 "no CLIP model given (--clip PATH: openai/clip-vit-large-patch14)"
-        self.lpips, why = metrics.load_lpips(lpips)
+        self.lpips, why = metrics.load_lpips(lpips, device=device)
         for name in dict.fromkeys(self.skipped):
             log(f"evaluate: {name} skipped: {self.skipped[name]}")
         if self.lpips is None:
@@ -126,10 +126,10 @@ def evaluate(metrics, data_dir, out_dir, cases: Optional[Sequence[str]] = None, 
     missing = {folder.name: 0 for folder in folders}
     with torch.no_grad():
         for folder, entry in work:
-            path = edit_path(out_dir, folder.name, entry.image_path)
+            path = find_edit(out_dir, folder.name, entry.image_path)
             if bar is not None:
                 bar.update(1)
-            if not path.is_file():
+            if path is None:
                 missing[folder.name] += 1
                 continue
             if entry.key not in sources:
@@ -148,15 +148,18 @@ def evaluate(metrics, data_dir, out_dir, cases: Optional[Sequence[str]] = None, 
             rows.append(row)
     if bar is not None:
         bar.close()
+    failed = {name: sorted(k for k, r in records[name].items() if "error" in r and k in {e.key for e in entries}
+                           and find_edit(out_dir, name, r["image_path"]) is None) for name in records}
     for name, count in missing.items():
         if count:
-            log(f"evaluate: {name}: {count} of {len(entries)} image(s) have no edit yet (skipped)")
+            log(f"evaluate: {name}: {count} of {len(entries)} image(s) have no edit "
+                f"({len(failed[name])} failed, see CASE/records; the rest not run yet), left out")
     cols = columns(metrics)
     write_csv(rows, cols, out_dir / "per_image.csv")
     summary = summarise(rows, cols, [f.name for f in folders])
     by_type = {t: summarise([r for r in rows if r["type"] == t], cols, [f.name for f in folders])
                for t in sorted({r["type"] for r in rows})} if per_type else {}
-    (out_dir / "summary.md").write_text(markdown(summary, cols, by_type, scorer.skipped, len(entries)),
+    (out_dir / "summary.md").write_text(markdown(summary, cols, by_type, scorer.skipped, len(entries), failed),
                                         encoding="utf-8")
     plot(summary, cols, out_dir / "summary.png")
     (out_dir / "summary.json").write_text(json.dumps({"summary": summary, "by_type": by_type,
@@ -202,7 +205,7 @@ def _table(summary: list[dict], cols, with_paper: bool) -> list[str]:
     return lines
 
 
-def markdown(summary: list[dict], cols, by_type: dict, skipped: dict, total: int) -> str:
+def markdown(summary: list[dict], cols, by_type: dict, skipped: dict, total: int, failed: Optional[dict] = None) -> str:
     lines = ["# PIE-Bench results", "",
              "Means over the images each case edited (of " f"{total} in the data); `–`: not computed. Rows in "
              "italics are the paper's Table 1 (Stable Diffusion v1.4, 700 images) where the case exists.", ""]
@@ -210,6 +213,11 @@ def markdown(summary: list[dict], cols, by_type: dict, skipped: dict, total: int
     if skipped:
         lines += ["", "Skipped metrics:"]
         lines += [f"- {name}: {why}" for name, why in skipped.items()]
+    failures = {name: keys for name, keys in (failed or {}).items() if keys}
+    if failures:
+        lines += ["", "Images whose edit failed (left out of the means; the errors are in CASE/records):"]
+        lines += [f"- {name}: {len(keys)}: {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
+                  for name, keys in failures.items()]
     for type_id, rows in by_type.items():
         lines += ["", f"## Editing type {type_id}: {pie.EDITING_TYPES.get(type_id, '?')}", ""]
         lines += _table(rows, cols, with_paper=False)
@@ -220,7 +228,7 @@ def plot(summary: list[dict], cols, path: Path, width: int = 260, height: int = 
     """Bars per metric (one panel each, one bar per case), for those who would rather look."""
     from PIL import Image, ImageDraw
 
-    panels = [c for c in cols if any(not math.isnan(r[c[0]]) for r in summary)]
+    panels = [c for c in cols if any(math.isfinite(r[c[0]]) for r in summary)]
     palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     cols = max(1, min(4, len(panels)))
@@ -230,7 +238,7 @@ def plot(summary: list[dict], cols, path: Path, width: int = 260, height: int = 
     draw = ImageDraw.Draw(picture)
     for index, (key, label, _, lower) in enumerate(panels):
         x0, y0 = (index % cols) * width, (index // cols) * height
-        values = [r[key] for r in summary]
+        values = [r[key] if math.isfinite(r[key]) else float("nan") for r in summary]
         finite = [v for v in values if not math.isnan(v)]
         top = max(finite) if finite else 1.0
         top = top if top > 0 else 1.0

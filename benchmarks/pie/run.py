@@ -33,8 +33,21 @@ class RunError(ValueError):
     """A run that cannot go on (e.g. an output folder made with other settings)."""
 
 
-def edit_path(out_dir, case_name: str, image_path: str) -> Path:
-    return Path(out_dir) / case_name / EDITS / Path(image_path).with_suffix(".png")
+SUFFIXES = {"jpg": ".jpg", "png": ".png"}
+
+
+def edit_path(out_dir, case_name: str, image_path: str, save_format: str = "jpg") -> Path:
+    """Where a case's edit of ``image_path`` is saved (the entry's relative path, the format's suffix)."""
+    return Path(out_dir) / case_name / EDITS / Path(image_path).with_suffix(SUFFIXES[save_format])
+
+
+def find_edit(out_dir, case_name: str, image_path: str) -> Optional[Path]:
+    """The saved edit in whichever format, or None."""
+    for save_format in SUFFIXES:
+        path = edit_path(out_dir, case_name, image_path, save_format)
+        if path.is_file():
+            return path
+    return None
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -56,12 +69,13 @@ def resize(image: torch.Tensor, size) -> torch.Tensor:
 
 
 def save_image(image: torch.Tensor, path: Path) -> None:
+    """PNG, or JPEG at PIL's default quality (75) for a .jpg path, as the benchmark's runs saved their edits."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     array = (image.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     temporary = path.with_name(path.name + ".part")
-    Image.fromarray(array).save(temporary, format="PNG")
+    Image.fromarray(array).save(temporary, format="JPEG" if path.suffix == ".jpg" else "PNG")
     os.replace(temporary, path)  # a killed run leaves no half-written edit that a resume would take as done
 
 
@@ -107,9 +121,10 @@ def edit_entry(pack, model, case: Case, entry: pie.Entry, counter: UNetCounter) 
     source_text = "" if case.empty_source else entry.source_prompt
     source, null = model.embed([source_text]), model.embed([""])
     target = model.embed([entry.target_prompt])
+    negative = null if not case.negative_prompt else model.embed([case.negative_prompt])
     inversion = di.invert(model.unet, model.scheduler, z0, source, null, steps=s.steps, method=case.method)
     editor = make_editor(case, editors, model, entry, notes)
-    result = di.edit(model.unet, model.scheduler, inversion, target, null, cfg=s.cfg, offsets=case.offsets,
+    result = di.edit(model.unet, model.scheduler, inversion, target, negative, cfg=s.cfg, offsets=case.offsets,
                      editor=editor)
     edited = model.decode(result.edited)
     seconds = time.perf_counter() - start
@@ -142,6 +157,8 @@ class DiffusersRunner:
         self.pack, self.model = pack, model
         self.name = model.name
         self.device = getattr(model, "device", torch.device("cpu"))
+        self.settings = {"backend": "diffusers", "resolution": model.resolution,
+                         "dtype": str(getattr(model, "dtype", torch.float32)).replace("torch.", "")}
         self.counter = UNetCounter(model.unet)
 
     def edit(self, case: Case, entry: pie.Entry) -> tuple[torch.Tensor, dict]:
@@ -160,10 +177,10 @@ def run(runner, cases: Sequence[Case], entries: Sequence[pie.Entry], out_dir, sh
     device = torch.device(getattr(runner, "device", "cpu"))
     counts = {case.name: {"done": 0, "skipped": 0, "failed": 0} for case in cases}
     for case in cases:
-        _check_settings(out_dir / case.name, {"case": case.name, "model": runner.name, **case.settings.as_dict()})
-        counts[case.name]["skipped"] = sum(1 for e in entries if edit_path(out_dir, case.name, e.image_path).is_file())
-    todo = [(case, entry) for case in cases for entry in entries
-            if not edit_path(out_dir, case.name, entry.image_path).is_file()]
+        _check_settings(out_dir / case.name, {"case": case.name, "model": runner.name,
+                                              **getattr(runner, "settings", {}), **case.settings.as_dict()})
+        counts[case.name]["skipped"] = sum(1 for e in entries if find_edit(out_dir, case.name, e.image_path))
+    todo = [(case, entry) for case in cases for entry in entries if not find_edit(out_dir, case.name, entry.image_path)]
     bar = progress(total=len(todo)) if progress is not None else None
     try:
         for case, entry in todo:
@@ -182,7 +199,7 @@ def run(runner, cases: Sequence[Case], entries: Sequence[pie.Entry], out_dir, sh
                 log(f"{case.name} {entry.key}: {record['error']}")
             else:
                 record["peak_memory_mb"] = _peak_memory_mb(device)
-                save_image(image, edit_path(out_dir, case.name, entry.image_path))
+                save_image(image, edit_path(out_dir, case.name, entry.image_path, case.settings.save_format))
                 counts[case.name]["done"] += 1
             with records.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -196,7 +213,8 @@ def run(runner, cases: Sequence[Case], entries: Sequence[pie.Entry], out_dir, sh
 
 
 def read_records(case_dir: Path) -> dict:
-    """The latest record per image key of a case (over every shard's file)."""
+    """One record per image key of a case, over every shard's file: a success wins over a failure (an image that
+    failed once and was edited on a later run), else the last one read."""
     out: dict = {}
     folder = Path(case_dir) / RECORDS
     for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else ():
@@ -205,6 +223,8 @@ def read_records(case_dir: Path) -> dict:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a killed process
+                    continue
+                if "error" in record and record["key"] in out and "error" not in out[record["key"]]:
                     continue
                 out[record["key"]] = record
     return out

@@ -224,6 +224,12 @@ def markdown(summary: list[dict], cols, by_type: dict, skipped: dict, total: int
     return "\n".join(lines) + "\n"
 
 
+def _ascii(label: str) -> str:
+    """A column label in characters PIL's default font has: "PSNR ↑" -> "PSNR (higher is better)"."""
+    plain = label.replace("×10", "x1e").translate(str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789"))
+    return plain.replace(" ↑", " (higher is better)").replace(" ↓", " (lower is better)")
+
+
 def plot(summary: list[dict], cols, path: Path, width: int = 260, height: int = 180) -> None:
     """Bars per metric (one panel each, one bar per case), for those who would rather look."""
     from PIL import Image, ImageDraw
@@ -242,7 +248,7 @@ def plot(summary: list[dict], cols, path: Path, width: int = 260, height: int = 
         finite = [v for v in values if not math.isnan(v)]
         top = max(finite) if finite else 1.0
         top = top if top > 0 else 1.0
-        draw.text((x0 + 8, y0 + 4), label, fill="black")
+        draw.text((x0 + 8, y0 + 4), _ascii(label), fill="black")
         base, room = y0 + height - 20, height - 44
         bar_w = max(4, (width - 20) // max(1, len(values)) - 6)
         for i, v in enumerate(values):

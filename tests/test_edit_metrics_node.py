@@ -275,44 +275,25 @@ def metrics_graph() -> dict:
 def test_browser_shows_the_scores_on_the_node(server):
     """ComfyUI's official frontend with the pack's web extension: after a run the node shows the text it sent (the
     frontend itself shows such text only on its PreviewAny and SaveText nodes)."""
-    from test_web import CHROMIUM_SKIP, _chromium
-
-    chromium = _chromium()
-    if chromium is None:
-        T.skip_or_fail(CHROMIUM_SKIP)
-    from playwright.sync_api import sync_playwright
+    from test_web import frontend_page
 
     url, _ = server
-    request = urllib.request.Request(url + "/api/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
-    urllib.request.urlopen(request, timeout=30).close()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        try:
-            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager",
-                                   timeout=120_000)
-            page.keyboard.press("Escape")
-            page.evaluate("async (g) => { await window.app.loadApiJson(g, 'edit_metrics.json'); }", metrics_graph())
-            assert page.query_selector(".di-metrics") is None  # nothing before a run
-            page.evaluate("() => window.app.queuePrompt(0, 1)")
-            page.wait_for_function("() => [...document.querySelectorAll('.di-metrics')]"
-                                   ".some(e => e.textContent.includes('PSNR'))", timeout=120_000)
-            shown = page.evaluate("() => [...document.querySelectorAll('.di-metrics')].map(e => e.textContent)")
-            page.wait_for_timeout(500)  # a redraw of the canvas places the widget
-            fits = page.evaluate("() => { const e = document.querySelector('.di-metrics');"
-                                 " return [e.scrollWidth - e.clientWidth, e.scrollHeight - e.clientHeight,"
-                                 " e.clientHeight]; }")
-            page.evaluate("() => { const c = window.app.canvas; c.selectItems?.(); c.fitViewToSelectionAnimated?.();"
-                          " c.deselectAll?.(); }")
-            page.wait_for_timeout(700)
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "edit_metrics.png"))
-        finally:
-            browser.close()
+    with frontend_page(url, 1400, 900) as (page, errors):
+        page.evaluate("async (g) => { await window.app.loadApiJson(g, 'edit_metrics.json'); }", metrics_graph())
+        assert page.query_selector(".di-metrics") is None  # nothing before a run
+        page.evaluate("() => window.app.queuePrompt(0, 1)")
+        page.wait_for_function("() => [...document.querySelectorAll('.di-metrics')]"
+                               ".some(e => e.textContent.includes('PSNR'))", timeout=120_000)
+        shown = page.evaluate("() => [...document.querySelectorAll('.di-metrics')].map(e => e.textContent)")
+        page.wait_for_timeout(500)  # a redraw of the canvas places the widget
+        fits = page.evaluate("() => { const e = document.querySelector('.di-metrics');"
+                             " return [e.scrollWidth - e.clientWidth, e.scrollHeight - e.clientHeight,"
+                             " e.clientHeight]; }")
+        page.evaluate("() => { const c = window.app.canvas; c.selectItems?.(); c.fitViewToSelectionAnimated?.();"
+                      " c.deselectAll?.(); }")
+        page.wait_for_timeout(700)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "edit_metrics.png"))
     history = json.loads(urllib.request.urlopen(url + "/history", timeout=30).read())
     sent = [entry["outputs"]["6"]["text"][0] for entry in history.values() if "6" in entry.get("outputs", {})]
     assert len(shown) == 1 and sent and shown[0] == sent[-1]

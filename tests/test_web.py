@@ -5,6 +5,7 @@ served, and a browser test (Debian's Chromium driven by Playwright) with ComfyUI
 alignment view, the per-step chart after a tiny-model run, and a screenshot kept under ``test-artifacts/``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -207,62 +208,70 @@ def _browser_workflow() -> dict:
     return workflow
 
 
-def test_browser_alignment_view_and_chart(server):
+@contextlib.contextmanager
+def frontend_page(url: str, width: int, height: int):
+    """ComfyUI's frontend (served at ``url``) in headless Chromium with the app loaded and no dialog open: yields the
+    page and the list its uncaught page errors go to."""
     chromium = _chromium()
     if chromium is None:
         T.skip_or_fail(CHROMIUM_SKIP)
     from playwright.sync_api import sync_playwright
 
-    url, _ = server
-    ARTIFACTS.mkdir(exist_ok=True)
     # a first start opens the templates dialog over the canvas; a user who has seen it has this setting
     request = urllib.request.Request(url + "/api/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
     urllib.request.urlopen(request, timeout=30).close()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
         try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url, wait_until="domcontentloaded", timeout=120_000)
             page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager",
                                    timeout=120_000)
             page.keyboard.press("Escape")  # any dialog still open
-            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", _browser_workflow())
-            page.wait_for_selector(".di-alignment .di-word", timeout=60_000)
-            # type a new target prompt into the P2P Editor's textarea, as a user does
-            page.evaluate("""() => {
-                const node = window.app.graph._nodes.find(n => n.type === 'DirectInversion_P2PEditor');
-                const w = node.widgets.find(w => w.name === 'target_prompt');
-                w.inputEl.focus();
-                w.inputEl.value = '';
-                w.inputEl.dispatchEvent(new Event('input', { bubbles: true }));
-            }""")
-            textarea = page.evaluate_handle("""() => window.app.graph._nodes
-                .find(n => n.type === 'DirectInversion_P2PEditor').widgets
-                .find(w => w.name === 'target_prompt').inputEl""")
-            textarea.as_element().type("a tiger sitting on a bench")
-            replaced = page.wait_for_selector(
-                '.di-alignment .di-row[data-side=target] .di-word.di-replace:text-is("tiger")', timeout=60_000)
-            replaced_words = page.eval_on_selector_all(".di-alignment .di-row[data-side=target] .di-word.di-replace",
-                                                       "chips => chips.map(c => c.textContent)")
-            assert replaced_words == ["tiger"]
-            assert "auto → replace" in page.inner_text(".di-alignment .di-mode")
-            # clicking the word makes it a local-blend word
-            replaced.click()
-            blend = page.evaluate("""() => window.app.graph._nodes
-                .find(n => n.type === 'DirectInversion_P2PEditor').widgets
-                .find(w => w.name === 'blend_target_words').value""")
-            assert blend == "tiger"
-            page.click('.di-alignment .di-row[data-side=source] .di-word:text-is("cat")')
-            page.evaluate("() => window.app.queuePrompt(0, 1)")
-            # Invert's chart (step size) and the sampler's (source error; no offsets: P2P pins the source)
-            page.wait_for_function("() => document.querySelectorAll('.di-chart svg polyline').length >= 2",
-                                   timeout=300_000)
-            charts = page.evaluate("() => [...document.querySelectorAll('.di-chart')].map(c => c.innerText)")
-            assert any("Direct Inversion" in c for c in charts) and any("inversion" in c for c in charts)
-            page.screenshot(path=str(ARTIFACTS / "web_extension.png"))
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_browser_alignment_view_and_chart(server):
+    url, _ = server
+    ARTIFACTS.mkdir(exist_ok=True)
+    with frontend_page(url, 1600, 1000) as (page, errors):
+        page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", _browser_workflow())
+        page.wait_for_selector(".di-alignment .di-word", timeout=60_000)
+        # type a new target prompt into the P2P Editor's textarea, as a user does
+        page.evaluate("""() => {
+            const node = window.app.graph._nodes.find(n => n.type === 'DirectInversion_P2PEditor');
+            const w = node.widgets.find(w => w.name === 'target_prompt');
+            w.inputEl.focus();
+            w.inputEl.value = '';
+            w.inputEl.dispatchEvent(new Event('input', { bubbles: true }));
+        }""")
+        textarea = page.evaluate_handle("""() => window.app.graph._nodes
+            .find(n => n.type === 'DirectInversion_P2PEditor').widgets
+            .find(w => w.name === 'target_prompt').inputEl""")
+        textarea.as_element().type("a tiger sitting on a bench")
+        replaced = page.wait_for_selector(
+            '.di-alignment .di-row[data-side=target] .di-word.di-replace:text-is("tiger")', timeout=60_000)
+        replaced_words = page.eval_on_selector_all(".di-alignment .di-row[data-side=target] .di-word.di-replace",
+                                                   "chips => chips.map(c => c.textContent)")
+        assert replaced_words == ["tiger"]
+        assert "auto → replace" in page.inner_text(".di-alignment .di-mode")
+        # clicking the word makes it a local-blend word
+        replaced.click()
+        blend = page.evaluate("""() => window.app.graph._nodes
+            .find(n => n.type === 'DirectInversion_P2PEditor').widgets
+            .find(w => w.name === 'blend_target_words').value""")
+        assert blend == "tiger"
+        page.click('.di-alignment .di-row[data-side=source] .di-word:text-is("cat")')
+        page.evaluate("() => window.app.queuePrompt(0, 1)")
+        # Invert's chart (step size) and the sampler's (source error; no offsets: P2P pins the source)
+        page.wait_for_function("() => document.querySelectorAll('.di-chart svg polyline').length >= 2",
+                               timeout=300_000)
+        charts = page.evaluate("() => [...document.querySelectorAll('.di-chart')].map(c => c.innerText)")
+        assert any("Direct Inversion" in c for c in charts) and any("inversion" in c for c in charts)
+        page.screenshot(path=str(ARTIFACTS / "web_extension.png"))
     assert not [e for e in errors if "direct_inversion" in e.lower()], errors

@@ -89,17 +89,6 @@ RECONSTRUCTION_ROWS = (
 )
 
 
-class UNetCounter:
-    """Counts the samples the UNet evaluates (a batch of 4 is 4 evaluations)."""
-
-    def __init__(self, unet):
-        self.count = 0
-        self.handle = unet.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.count += int(args[0].shape[0])
-
-
 def colour_target(sample, seed: int) -> str:
     """Another object colour, chosen by the image's seed."""
     import numpy as np
@@ -174,6 +163,8 @@ def run_group(args: tuple) -> dict:
     rows_run = [r for r in EDIT_ROWS if not only or any(word in r[0] for word in only)]
     torch.set_num_threads(threads)
     pack, data, checker, model = _pack()
+    from benchmarks.pie.run import UNetCounter
+
     di = pack[0]
     toy = model.load(weights)
     counter = UNetCounter(toy.unet)
@@ -256,7 +247,7 @@ def run_group(args: tuple) -> dict:
         for i, seed in enumerate(seeds):
             out["recon"].append({"row": name, "seed": seed, "latent_mse": (recon[i].float() - z0[i]).pow(2).mean().item(),
                                  "psnr": checker.psnr(pixels[i], images[i])})
-    counter.handle.remove()
+    counter.close()
     return out
 
 

@@ -80,15 +80,16 @@ def save_image(image: torch.Tensor, path: Path) -> None:
 
 
 class UNetCounter:
-    """Samples the UNet evaluates (a batch of 2 is 2 evaluations), through a forward pre-hook."""
+    """Samples the UNet evaluates (a batch of 2 is 2 evaluations), through a forward pre-hook (also
+    benchmarks/toy_edits.py's counter)."""
 
     def __init__(self, unet):
         self.count = 0
         self.handle = unet.register_forward_pre_hook(self._hook)
 
-    def _hook(self, module, args, kwargs=None):
-        sample = args[0] if args else None
-        self.count += int(sample.shape[0]) if sample is not None else 0
+    def _hook(self, module, args):
+        if args:  # the diffusers backend passes the latents first
+            self.count += int(args[0].shape[0])
 
     def close(self):
         self.handle.remove()

@@ -46,6 +46,7 @@ from ..inversion import (
     invert as core_invert,
     method_options,
     proximal_delta,
+    resolve_offsets,
 )
 
 __all__ = ["BRANCH_OPTION", "LEVEL_OPTION", "DirectInversionOutput", "InvertOutput", "attention_layers",
@@ -495,15 +496,17 @@ class _StepStats:
         return {"source_error": as_list(self.source_error), "offset_rms": as_list(self.offset_rms)}
 
 
-def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float = 7.5, offsets: str = "source",
+def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float = 7.5, offsets: str = "auto",
                      target_start: Optional[torch.Tensor] = None, editor=None) -> DirectInversionOutput:
     """Edit an inversion with a ComfyUI model: the source branch follows it, the target branch is the edit.
 
     ``target_start`` is an optional LATENT in the scaling of Invert's z_T output to start the target from.
     ``editor`` (e.g. ``editors.P2PEditor``) acts through attention patches on this run's model clone; its per-run
-    state is returned as ``editor_state``.
+    state is returned as ``editor_state``. ``offsets`` "auto" is the editor's default (see ``resolve_offsets``); an
+    editor that guides the target's latent by gradient (Pix2Pix-Zero) runs with the weights usable by autograd.
     """
     inversion.check_model(model_family(model))
+    offsets = resolve_offsets(offsets, editor)
     sigmas, _ = schedule(model, len(inversion.timesteps))
     if not torch.allclose(sigmas[:len(inversion.sigmas)], inversion.sigmas, rtol=1e-5, atol=0.0):
         raise ValueError("This model's noise schedule differs from the one the inversion was made with; "
@@ -540,10 +543,12 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
         controller = held.get("controller")
         on_device = _on_device(inversion, device)
         stats = _StepStats(on_device.z_star, _Progress(model, inversion.steps))
+        gradients = controller is not None and controller.guides_target
         try:
-            result = edit(denoiser, on_device, offsets=offsets,
-                          x_target=None if x_target is None else x_target.to(device), callback=stats,
-                          controller=controller)
+            with autograd_weights(denoiser.guider.inner_model) if gradients else nullcontext():
+                result = edit(denoiser, on_device, offsets=offsets,
+                              x_target=None if x_target is None else x_target.to(device), callback=stats,
+                              controller=controller)
         finally:
             if controller is not None:
                 controller.finish()

@@ -10,10 +10,12 @@ their outputs are concatenated per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..editors.p2p_alignment import TokenizedPrompt, tokenize_words
+from ..editors.p2p_zero import edit_direction
 
-__all__ = ["EncodablePrompt", "tokenized_prompt", "tokenized_prompt_with"]
+__all__ = ["EncodablePrompt", "directed_conditioning", "tokenized_prompt", "tokenized_prompt_with"]
 
 
 @dataclass
@@ -62,3 +64,26 @@ def tokenized_prompt_with(tokenize, text: str, name: str = "source") -> Encodabl
 def tokenized_prompt(clip, text: str, name: str = "source") -> EncodablePrompt:
     """:func:`tokenized_prompt_with` the CLIP's tokenizer."""
     return tokenized_prompt_with(clip.tokenize, text, name)
+
+
+def directed_conditioning(source: list, source_sentences: Sequence[list], target_sentences: Sequence[list]) -> list:
+    """Pix2Pix-Zero's edited conditioning: every entry of the ``source`` CONDITIONING with the edit direction
+    Delta = mean(target sentences) - mean(source sentences) added to its per-token embeddings and, where all have
+    one (SDXL), to its pooled output. The sentences are CONDITIONINGs of one entry each (their first is used)."""
+    first = lambda conds, key: [c[0][0] if key is None else c[0][1].get(key) for c in conds]  # noqa: E731
+    delta = edit_direction(first(source_sentences, None), first(target_sentences, None))
+    pooled = first(source_sentences, "pooled_output") + first(target_sentences, "pooled_output")
+    pooled_delta = None
+    if all(p is not None for p in pooled):
+        pooled_delta = edit_direction(first(source_sentences, "pooled_output"), first(target_sentences, "pooled_output"))
+    out = []
+    for embeds, options in source:
+        if embeds.shape[1:] != delta.shape[1:]:
+            raise ValueError(f"The source prompt encodes to {embeds.shape[1]} tokens but the edit direction's sentences "
+                             f"to {delta.shape[1]}: keep the source prompt and every sentence within the text encoder's "
+                             f"window (75 tokens).")
+        options = dict(options)
+        if pooled_delta is not None and options.get("pooled_output") is not None:
+            options["pooled_output"] = options["pooled_output"] + pooled_delta.to(options["pooled_output"])
+        out.append([embeds + delta.to(embeds), options])
+    return out

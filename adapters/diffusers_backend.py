@@ -29,6 +29,7 @@ from ..inversion import (
     inversion_guidance,
     method_options,
     proximal_delta,
+    resolve_offsets,
 )
 from ..editors.attention import AttentionCall, FeatureCall, layer_orders
 from ..inversion import edit as core_edit
@@ -298,14 +299,16 @@ def invert(unet, scheduler, latent: torch.Tensor, prompt_embeds: torch.Tensor,
 
 
 def edit(unet, scheduler, inversion: Inversion, target_embeds: torch.Tensor, negative_embeds: Optional[torch.Tensor],
-         cfg: float = 7.5, offsets: str = "source", x_target: Optional[torch.Tensor] = None,
+         cfg: float = 7.5, offsets: str = "auto", x_target: Optional[torch.Tensor] = None,
          callback: Optional[StepCallback] = None, editor=None) -> DirectInversionResult:
     """Edit an inversion: the source branch follows it, the target branch is the edit (see ``inversion.methods``).
 
     ``editor`` (e.g. ``editors.P2PEditor``) acts through attention processors installed for this call only; its
-    per-run state comes back as the result's ``editor_state``.
+    per-run state comes back as the result's ``editor_state``. ``offsets`` "auto" is the editor's default (see
+    ``inversion.types.resolve_offsets``: Pix2Pix-Zero "both", otherwise "source").
     """
     inversion.check_model(model_family(unet, scheduler))
+    offsets = resolve_offsets(offsets, editor)
     if x_target is not None:
         inversion.check_latent(x_target, "target start latent")
     settings = method_options(inversion.method, inversion.options)
@@ -321,7 +324,8 @@ def edit(unet, scheduler, inversion: Inversion, target_embeds: torch.Tensor, neg
                                  negative_at=negative_at, proximal=proximal)
     if editor is None:
         return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback)
-    with editor_installed(unet, editor, inversion.steps, inversion.latent_shape) as state:
+    with editor_installed(unet, editor, inversion.steps, inversion.latent_shape) as state, \
+            autograd_weights(unet) if state.controller.guides_target else nullcontext():
         denoiser.call_state = state
         return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback,
                          controller=state.controller)

@@ -137,13 +137,16 @@ class EditController:
     prediction (False: its conditional half alone, when offsets pin the source to the inversion anyway);
     ``source_unguided`` asks for the source's conditional half alone in every offset mode (Plug-and-Play's source
     is an unguided reconstruction). ``feature_blocks`` names the decoder blocks whose residual features the
-    controller wants to see (``feature`` is then called with them at every prediction). ``idle_reason`` is set when
-    the editor's settings make it do nothing in this run (the adapters warn with it).
+    controller wants to see (``feature`` is then called with them at every prediction). ``guides_target`` says that
+    the sampler must call ``guide_target`` before every target prediction (Pix2Pix-Zero's gradient step on the
+    latent). ``idle_reason`` is set when the editor's settings make it do nothing in this run (the adapters warn with
+    it).
     """
 
     idle_reason: Optional[str] = None
     source_guided: bool = False
     source_unguided: bool = False
+    guides_target: bool = False
     feature_blocks: frozenset = frozenset()
 
     def wants(self, call: AttentionCall) -> bool:
@@ -158,6 +161,11 @@ class EditController:
 
     def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
         return x_target
+
+    def guide_target(self, model, x: torch.Tensor, sigma: torch.Tensor, level: int, step: int) -> torch.Tensor:
+        """The target latent to predict at, at sampling step ``step`` (``model``: the core's Denoiser, which the
+        controller may evaluate); called only if ``guides_target``."""
+        return x
 
     def finish(self) -> None:
         """Called once sampling has ended (normally or not): drop cached tensors."""

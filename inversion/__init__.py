@@ -19,6 +19,7 @@ from .schedule import alpha_bar, ddim_sigmas, ddim_step, ddim_timesteps, eps_to_
 from .types import (
     BRANCH_SOURCE,
     BRANCH_TARGET,
+    OFFSET_CHOICES,
     OFFSET_MODES,
     Denoiser,
     DirectInversionResult,
@@ -32,14 +33,15 @@ from .types import (
     check_latent_values,
     check_number,
     check_step,
+    resolve_offsets,
 )
 
 __all__ = [
-    "BRANCH_SOURCE", "BRANCH_TARGET", "METHODS", "OFFSET_MODES", "PROXIMAL_MODES",
+    "BRANCH_SOURCE", "BRANCH_TARGET", "METHODS", "OFFSET_CHOICES", "OFFSET_MODES", "PROXIMAL_MODES",
     "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "EditController", "Inversion", "NegativePromptOptions",
     "NullTextModel", "NullTextOptions", "NullTextResult", "OffsetTrajectory", "StepCallback",
     "alpha_bar", "autograd_weights", "check_finite", "check_latent_layout", "check_latent_values", "check_number",
     "check_step", "ddim_sigmas", "ddim_step", "ddim_timesteps", "edict_levels",
     "edit", "edit_guidance", "edit_source_conditioning", "eps_to_x0", "invert", "invert_ddim", "inversion_guidance", "invert_edict", "method_options", "optimize_null_text",
-    "proximal_delta", "sample_direct_inversion", "sample_edict",
+    "proximal_delta", "resolve_offsets", "sample_direct_inversion", "sample_edict",
 ]

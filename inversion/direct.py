@@ -56,7 +56,8 @@ def sample_direct_inversion(
             target at every step so the editor can carry the source's attention over, and ``after_step`` may change
             the target latent. With offsets == "source" the source's latent is pinned to z*_{t-1} whatever it
             predicts, so only its conditional half is evaluated (the offsets are then not computed: ``None``); a
-            controller with ``source_unguided`` (Plug-and-Play) gets the source's conditional half alone in every mode.
+            controller with ``source_unguided`` (Plug-and-Play, Pix2Pix-Zero) gets the source's conditional half alone in
+            every mode; one that ``guides_target`` (Pix2Pix-Zero) moves the target's latent before its prediction.
         callback: called after every step with ``{"phase": "sample", "i", "steps", "sigma", "x_source", "x_target",
             "denoised", "offset"}`` (``denoised``: the target's x0 prediction, for previews).
 
@@ -77,11 +78,14 @@ def sample_direct_inversion(
     check_latent_values("target start latent", x_tgt)
     pinned_only = controller is not None and offsets == "source" and not controller.source_guided
     source_guided = not (pinned_only or (controller is not None and controller.source_unguided))
+    guides_target = controller is not None and controller.guides_target
     offset_rows = None if pinned_only else z_star.new_zeros((steps,) + tuple(x_src.shape))
     for n, t in enumerate(range(steps, 0, -1)):
         sigma, sigma_prev = levels[t], levels[t - 1]
         if sigma_prev != sigma:  # a zero-length step is the identity: no evaluation needed
             eps_src = model(x_src, sigmas_dev[t], BRANCH_SOURCE, t, guided=source_guided)
+            if guides_target:
+                x_tgt = controller.guide_target(model, x_tgt, sigmas_dev[t], t, n)
             eps_tgt = model(x_tgt, sigmas_dev[t], BRANCH_TARGET, t)
             src_next = ddim_step(x_src, eps_src, sigma, sigma_prev)
             tgt_next = ddim_step(x_tgt, eps_tgt, sigma, sigma_prev)

@@ -135,7 +135,8 @@ def sample_edict(model: Denoiser, x_top: torch.Tensor, y_top: torch.Tensor, sigm
     ``dtype`` is the bookkeeping precision. Each of a step's two updates is made for the source, then for the
     target (the branches are independent, so the order only matters to an editor, which carries the source's
     attention over to the target's prediction of the same update); a ``controller``'s ``after_step`` then acts
-    on both latents of the target's pair, against the source's.
+    on both latents of the target's pair, against the source's. A controller that ``guides_target`` moves the target's
+    latent each update predicts at (the pair's other latent) before the prediction, after the source's of that update.
     """
     options = options or EdictOptions()
     p = options.mix
@@ -143,11 +144,14 @@ def sample_edict(model: Denoiser, x_top: torch.Tensor, y_top: torch.Tensor, sigm
     top = len(levels) - 1
     sigmas_dev = sigmas.to(device=x_top.device, dtype=dtype)
     pairs = {branch: [x_top.to(dtype), y_top.to(dtype)] for branch in (BRANCH_SOURCE, BRANCH_TARGET)}
+    guides_target = controller is not None and controller.guides_target
     for n, t in enumerate(range(top, 0, -1)):
         a, b = _coefficients(levels[t], levels[t - 1])
         first, second = _order(n, options.leapfrog)
         for i, j in ((first, second), (second, first)):
             for branch, pair in pairs.items():
+                if guides_target and branch == BRANCH_TARGET and b != 0.0:
+                    pair[j] = controller.guide_target(model, pair[j], sigmas_dev[t], t, n)
                 eps = _eps(model, pair[j], sigmas_dev[t], branch, t, dtype) if b != 0.0 else 0.0
                 pair[i] = a * pair[i] + b * eps
         for pair in pairs.values():

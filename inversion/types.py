@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "BRANCH_SOURCE",
     "BRANCH_TARGET",
+    "OFFSET_CHOICES",
     "OFFSET_MODES",
     "Denoiser",
     "DirectInversionResult",
@@ -37,6 +38,18 @@ BRANCH_TARGET = "target"
 #   both:   source and target (ablation "add-target": an identity edit is exact, edits are weaker);
 #   off:    nowhere (plain DDIM inversion + sampling, the baseline).
 OFFSET_MODES = ("source", "both", "off")
+# What users choose from: a mode, or "auto", the editor's own default (``default_offsets``: Pix2Pix-Zero's "both", as
+# its reference adds the offsets to the edit branch too; "source" for the other editors and without one).
+OFFSET_CHOICES = ("auto",) + OFFSET_MODES
+
+
+def resolve_offsets(offsets: str, editor=None) -> str:
+    """The offset mode an edit runs with: ``offsets``, or for "auto" the editor's default (else "source")."""
+    if offsets not in OFFSET_CHOICES:
+        raise ValueError(f"offsets must be one of {OFFSET_CHOICES}, got {offsets!r}")
+    if offsets == "auto":
+        return getattr(editor, "default_offsets", "source")
+    return offsets
 
 StepCallback = Callable[[dict], None]
 
@@ -62,13 +75,19 @@ class EditController(Protocol):
     ``source_guided``: whether the source branch's prediction must be guided even when offsets pin it to the
     inversion; ``source_unguided``: whether the source branch is predicted from its conditional half alone in every
     offset mode (an editor whose source is an unguided reconstruction); ``after_step(n, x_source, x_target)``
-    returns the target latent after sampling step n (0 = first).
+    returns the target latent after sampling step n (0 = first); with ``guides_target``, ``guide_target(model, x,
+    sigma, level, n)`` returns the latent the target is predicted at (and stepped from), called after the source's
+    prediction of the same step (Pix2Pix-Zero's cross-attention guidance).
     """
 
     source_guided: bool
     source_unguided: bool
+    guides_target: bool
 
     def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor: ...
+
+    def guide_target(self, model: Denoiser, x: torch.Tensor, sigma: torch.Tensor, level: int,
+                     step: int) -> torch.Tensor: ...
 
 
 class NullTextModel(Protocol):

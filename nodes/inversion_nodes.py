@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import io, ui as comfy_ui
 
 from ..adapters import comfyui_backend as backend
-from ..inversion import METHODS, OFFSET_MODES, PROXIMAL_MODES, Inversion
+from ..inversion import METHODS, OFFSET_CHOICES, PROXIMAL_MODES, Inversion
 from ..inversion.storage import load_inversion, save_inversion
 from .editor_nodes import EDITOR, maps_image
 from .web_api import chart
@@ -158,15 +158,16 @@ class DirectInversionSampler(io.ComfyNode):
                                                           "(null-text uses its own; negative-prompt interpolates toward it)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale of both branches (reference: 7.5)."),
-                io.Combo.Input("offsets", options=list(OFFSET_MODES), default="source",
-                               tooltip="source: Direct Inversion (offsets keep the source branch on the trajectory). "
+                io.Combo.Input("offsets", options=list(OFFSET_CHOICES), default="auto",
+                               tooltip="auto: the editor's default (P2P-Zero: both, as its reference; otherwise "
+                                       "source). source: Direct Inversion (offsets keep the source branch on the trajectory). "
                                        "both: offsets on the target too (identity edits exact, edits weaker). "
                                        "off: no offsets, the method's own sampling, for comparison."),
                 io.Latent.Input("target_start", optional=True,
                                 tooltip="Optional start of the target branch in the scaling of Invert's z_T output "
                                         "(default: z_T itself)."),
                 EDITOR.Input("editor", optional=True,
-                             tooltip="An editor (P2P, MasaCtrl or PnP Editor) acting on the target branch; its target "
+                             tooltip="An editor (P2P, MasaCtrl, PnP or P2P-Zero Editor) acting on the target branch; its target "
                                      "conditioning goes to the target input."),
             ],
             outputs=[

@@ -310,13 +310,54 @@ def test_pnp_editor_node_errors(comfy_env):
                        in errors[0]["exception_message"])
 
 
+P2P_ZERO_INPUTS = {"source_prompt": "a cat sitting on a bench", "target_prompt": "a dog sitting on a bench",
+                   "xa_guidance": 0.03, "source_sentences": "a cat\na photo of a cat, sitting",
+                   "target_sentences": "a dog\na photo of a dog, sitting"}
+
+
+@pytest.mark.parametrize("method", ["ddim", "null_text", "negative_prompt", "edict"])
+def test_every_method_with_the_p2p_zero_editor_in_the_executor(comfy_env, method):
+    """CLIP -> P2P-Zero Editor -> Invert / Direct Inversion Sampler (offsets auto: both), with the reference's negative
+    prompt (the source caption) on the sampler: the gradient pass runs inside the executor's inference mode. EDICT
+    keeps the inversion's negative: its source pair retraces the inversion only under the guidance it was made with."""
+    graph = editor_graph(method, "DirectInversion_P2PZeroEditor", P2P_ZERO_INPUTS, steps=4)
+    graph["5"]["inputs"]["offsets"] = "auto"
+    if method != "edict":
+        graph["5"]["inputs"]["negative"] = ["21", 1]
+    executor, encoded, edited, source = run_edit(graph)
+    assert torch.isfinite(edited).all() and (source - encoded).abs().max().item() <= 1e-4
+    assert (edited - source).abs().max().item() > 1e-3
+    assert output_of(executor, "5", 2).mode == ("off" if method == "edict" else "both")
+
+
+def test_p2p_zero_editor_node_builds_the_direction(comfy_env):
+    """target = source + mean(target sentences) - mean(source sentences), one sentence per line (commas kept)."""
+    nodes, _ = comfy_env
+    node = nodes.NODE_CLASS_MAPPINGS["DirectInversion_P2PZeroEditor"]
+    clip = T.tiny_comfy_clip()
+    encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0]  # noqa: E731
+    with torch.inference_mode():
+        out = node.execute(clip, **P2P_ZERO_INPUTS)
+        editor, source, target = out.result if hasattr(out, "result") else out
+        expected = (encode(P2P_ZERO_INPUTS["source_prompt"]) + (encode("a dog") + encode("a photo of a dog, sitting")) / 2
+                    - (encode("a cat") + encode("a photo of a cat, sitting")) / 2)
+        torch.testing.assert_close(target[0][0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(source[0][0], encode(P2P_ZERO_INPUTS["source_prompt"]))
+        assert editor.xa_guidance == 0.03 and editor.default_offsets == "both"
+        # no sentences: the prompts themselves, so the target conditioning is the target prompt's embedding
+        out = node.execute(clip, **{**P2P_ZERO_INPUTS, "source_sentences": " \n", "target_sentences": ""})
+        _, _, target = out.result if hasattr(out, "result") else out
+        torch.testing.assert_close(target[0][0], encode(P2P_ZERO_INPUTS["target_prompt"]), rtol=1e-5, atol=1e-5)
+
+
 EDITOR_NODES = {"p2p": ("DirectInversion_P2PEditor", P2P_INPUTS),
                 "masactrl": ("DirectInversion_MasaCtrlEditor", MASACTRL_INPUTS),
                 # the tiny SDXL model has self-attention in decoder blocks 0-1 only (as SDXL: none at full resolution)
-                "pnp": ("DirectInversion_PnPEditor", {**PNP_INPUTS, "attention_from_block": 1})}
+                "pnp": ("DirectInversion_PnPEditor", {**PNP_INPUTS, "attention_from_block": 1}),
+                "p2p_zero": ("DirectInversion_P2PZeroEditor", P2P_ZERO_INPUTS)}
 
 
-@pytest.mark.parametrize("editor", ["p2p", "masactrl", "pnp"])
+@pytest.mark.parametrize("editor", ["p2p", "masactrl", "pnp", "p2p_zero"])
 def test_editors_on_an_sdxl_family_model_in_the_executor(comfy_env, editor):
     """SDXL: both tokenizers align the P2P prompts; the editors find their layers by place and resolution."""
     graph = {

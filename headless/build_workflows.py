@@ -284,6 +284,25 @@ def pnp_photo_to_sketch(g):
            "attention_injection (lower = freer edits), the sampler's cfg.")
 
 
+def p2p_zero_cat_to_dog(g):
+    ckpt, _, latent, negative = load(g)
+    ed = g.add("DirectInversion_P2PZeroEditor", clip=ckpt[1], source_prompt="a cat sitting on a bench",
+               target_prompt="a dog sitting on a bench", xa_guidance=0.1,
+               source_sentences="a cat\na photo of a cat\na cat sitting on a bench",
+               target_sentences="a dog\na photo of a dog\na dog sitting on a bench")
+    inv = invert(g, ckpt[0], latent, ed[1], negative)
+    out = g.add("DirectInversion_Sampler", model=ckpt[0], inversion=inv[0], target=ed[2], negative=ed[1], cfg=7.5,
+                offsets="auto", editor=ed[0])  # the reference's negative prompt: the source caption
+    decode_and_save(g, ckpt, out[0], "p2p_zero_cat_to_dog")
+    g.note("Pix2Pix-Zero (Parmar et al.), as the PnP Inversion benchmark runs it. The target is the source prompt's "
+           "embedding plus an edit direction: the mean embedding of the target sentences minus that of the source "
+           "sentences (one per line; more sentences give a cleaner direction). At every step the target latent takes "
+           "one gradient step (xa_guidance) toward the source branch's cross-attention maps, which keeps the "
+           "structure. The sampler's negative is the source prompt and offsets are 'auto' (both branches), the "
+           "reference's setting; each step costs a forward and backward pass more than a plain edit.\n\nKnobs: "
+           "xa_guidance (0 = the direction alone; higher keeps more structure), the sentences, the sampler's cfg.")
+
+
 def null_text_p2p(g):
     p2p_edit(g, "null_text_p2p", "a cat sitting on a bench", "a dog sitting on a bench", method="null_text",
              options_node=("DirectInversion_NullTextOptions", {}), mode="replace",
@@ -368,7 +387,7 @@ def load_inversion_many_targets(g):
 
 
 WORKFLOWS = [reconstruction_check, p2p_word_swap, p2p_refine, p2p_reweight, p2p_local_blend, masactrl_pose,
-             pnp_photo_to_sketch, null_text_p2p, negative_prompt_p2p, edict_edit, sdxl_edit, lora_controlnet_edit,
+             pnp_photo_to_sketch, p2p_zero_cat_to_dog, null_text_p2p, negative_prompt_p2p, edict_edit, sdxl_edit, lora_controlnet_edit,
              save_inversion, load_inversion_many_targets]
 
 

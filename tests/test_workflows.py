@@ -39,7 +39,7 @@ def test_the_expected_workflows_are_there():
     assert set(NAMES) >= {"reconstruction_check", "p2p_word_swap", "p2p_refine", "p2p_reweight", "p2p_local_blend",
                           "masactrl_pose", "pnp_photo_to_sketch", "null_text_p2p", "negative_prompt_p2p",
                           "edict_edit", "sdxl_edit", "lora_controlnet_edit", "save_inversion",
-                          "load_inversion_many_targets"}
+                          "load_inversion_many_targets", "p2p_zero_cat_to_dog"}
 
 
 def _widgets_fit(node: dict, definition: dict, ui_to_api) -> list[str]:

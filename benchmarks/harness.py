@@ -182,12 +182,59 @@ class Bench:
         return self.adapter.invert(self.model, self.latent, self.source, self.null, steps=steps, method=method,
                                    options=options).inversion
 
-    def edit(self, inversion, offsets: str = "source", editor=None, cfg: float = 7.5):
+    def edit(self, inversion, offsets: str = "source", editor=None, cfg: float = 7.5, target=None, negative=None):
+        """The adapter's edit; ``target`` and ``negative`` (conditioning in this backend's form) default to the
+        bench's target and null prompts."""
+        target = self.target if target is None else target
+        negative = self.null if negative is None else negative
         if self.backend == "diffusers":
-            return self.adapter.edit(self.unet, self.scheduler, inversion, self.target, self.null, cfg=cfg,
+            return self.adapter.edit(self.unet, self.scheduler, inversion, target, negative, cfg=cfg,
                                      offsets=offsets, editor=editor)
-        return self.adapter.direct_inversion(self.model, inversion, self.target, self.null, cfg=cfg, offsets=offsets,
+        return self.adapter.direct_inversion(self.model, inversion, target, negative, cfg=cfg, offsets=offsets,
                                              editor=editor)
+
+    def directed_target(self):
+        """Pix2Pix-Zero's target conditioning: the source prompt plus the edit direction
+        Delta = E(target) - E(source) (one sentence a side), on the embeddings and, where there is one, the pooled
+        output (ComfyUI's conditioning, as the P2P-Zero Editor node makes it)."""
+        from comfyui_direct_inversion.editors import edit_direction
+
+        if self.backend == "diffusers":
+            return self.source + edit_direction([self.source], [self.target]).to(self.source)
+        from comfyui_direct_inversion.adapters.comfyui_prompts import directed_conditioning
+
+        return directed_conditioning(self.source, [self.source], [self.target])
+
+    def forward_backward(self, timestep: int = 500) -> torch.Tensor:
+        """One conditional UNet evaluation (source prompt) at a latent that requires grad, and the gradient of its
+        output's sum to that latent, with the weights not requiring grad (as an editor's gradient pass runs)."""
+        from comfyui_direct_inversion.inversion import autograd_weights
+
+        with autograd_weights(self.unet_module), torch.enable_grad():
+            if self.backend == "diffusers":
+                x = self.latent.to(self.device, copy=True).requires_grad_(True)
+                out = self.unet(x.to(self.dtype), torch.tensor(timestep, device=self.device),
+                                encoder_hidden_states=self.source).sample
+            else:
+                x, out = self._comfy_forward(timestep)
+            (grad,) = torch.autograd.grad(out.float().sum(), x)
+        return grad
+
+    def _comfy_forward(self, timestep: int):
+        """The ComfyUI model loaded as sampling loads it, evaluated on the source conditioning at ``timestep``'s
+        sigma: (the latent requiring grad, the model's output)."""
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([self.model])
+        base, device = self.model.model, comfy.model_management.get_torch_device()
+        side = SHAPES[self.size][0]
+        embeds, options = self.source[0]
+        adm = base.encode_adm(pooled_output=options.get("pooled_output"), width=side * 8, height=side * 8,
+                              device=device)
+        extra = {} if adm is None else {"y": adm.to(device)}
+        sigma = base.model_sampling.sigma(torch.tensor([float(timestep)])).to(device)
+        x = self.latent.to(device, copy=True).requires_grad_(True)
+        return x, base.apply_model(x, sigma, c_crossattn=embeds.to(device), **extra)
 
 
 def measure(once: Callable[[], dict], device: str, repeats: int, weights: torch.nn.Module) -> dict:

@@ -5,12 +5,25 @@
     python benchmarks/run.py --size sdxl --device cuda --dtype float16 --repeats 1        # SDXL, 1024x1024
     python benchmarks/run.py --backend comfyui ...            # through ComfyUI (needs a ComfyUI checkout)
 
-Every case is one inversion plus one edit of one image (cfg 7.5), run in a process of its own, with the models
-of benchmarks/harness.py (random weights; speed does not depend on their values):
+Every case is one inversion plus one edit of one image (cfg 7.5; but the forward + backward case, see below), run
+in a process of its own, with the models of benchmarks/harness.py (random weights; speed does not depend on their
+values):
 - UNet sample-evaluations per image, counted by a forward pre-hook on the UNet (one per latent in each batch it
   is called with): exact and machine-independent;
 - wall time: the median of --repeats runs after one warm-up run (the inversion's share is timed too);
 - peak memory: CUDA's peak allocation on a GPU, the process's peak RSS on the CPU.
+
+Pix2Pix-Zero ("ddim + P2P-Zero": offsets off; "ddim + DI + P2P-Zero": offsets "both", the reference's Direct
+Inversion path) edits with the reference's prompts: the target conditioning is the source prompt plus
+edit_direction([source], [target]) (on the pooled output too where there is one), the negative prompt is the
+source caption. At every step of non-zero length it runs the source's conditional prediction (1 sample), one
+differentiable conditional prediction of the target with a backward pass to the latent (1 sample forward), and the
+target's guided prediction (2): its count is of forwards, 4 samples a step, plus one backward pass a step that the
+pre-hook does not see. The reference (PnPInversion's pix2pix_zero edit_pipeline.py) runs each pass on its CFG
+batch -- reconstruction 2, gradient pass 2 forward + 2 backward, edit 2: 6 samples and 2 backwards a step, 300
+forward samples at 50 steps, plus its inversion's. "one forward + backward (latent grad)" is one conditional
+sample at a latent that requires grad, with its backward to that latent (the weights not requiring grad): 1
+evaluation, the peak to hold P2P-Zero's against.
 
 The reference-style loop reproduces the structure of the PnPInversion code's DDIM + Direct Inversion + P2P
 path, written here for the comparison: DDIM inversion with the source prompt (one sample per step); a separate
@@ -50,9 +63,13 @@ CASES = [  # (name, inversion method, editor, offsets)
     ("null_text + P2P", "null_text", "p2p", "off"),
     ("negative_prompt + P2P", "negative_prompt", "p2p", "off"),
     ("edict + P2P", "edict", "p2p", "off"),
+    ("ddim + P2P-Zero", "ddim", "p2p_zero", "off"),
+    ("ddim + DI + P2P-Zero", "ddim", "p2p_zero", "both"),
+    ("one forward + backward (latent grad)", "forward_backward", None, None),
     ("reference loop (DI + P2P)", "reference", None, "source"),
 ]
 CASE_NAMES = [c[0] for c in CASES]
+NAME_WIDTH = max(len(name) for name in CASE_NAMES) + 2  # the table's case column
 OURS, REFERENCE = "ddim + DI + P2P", "reference loop (DI + P2P)"
 
 
@@ -69,9 +86,19 @@ def make_editor(kind, size: str, bench: Bench):
                                         max_tokens=tokens)
     if kind == "masactrl":
         return editors.MasaCtrlEditor()
+    if kind == "p2p_zero":
+        return editors.P2PZeroEditor()
     # PnP: the reference's decoder positions (4) where the UNet has them, the toy UNet's equivalent (3) there
     position = 3 if size == "tiny" else 4
     return editors.PnPEditor(feature_block=position, attention_from_block=position, source_conditioning=bench.null)
+
+
+def edit_prompts(kind, bench: Bench) -> dict:
+    """The edit's conditioning where it is not the bench's target and null prompts: P2P-Zero's target is the source
+    prompt plus the edit direction, its negative prompt the source (the reference's caption)."""
+    if kind == "p2p_zero":
+        return {"target": bench.directed_target(), "negative": bench.source}
+    return {}
 
 
 class _ProbsProcessor:
@@ -144,8 +171,14 @@ def run_case(name: str, args) -> dict:
             start = counted.evaluations
             reference_loop(bench, args.steps)
             return {"unet_evals": counted.evaluations - start}
+    elif method == "forward_backward":
+        def once():
+            start = counted.evaluations
+            bench.forward_backward()
+            return {"unet_evals": counted.evaluations - start}
     else:
         editor = make_editor(editor_kind, args.size, bench)
+        prompts = edit_prompts(editor_kind, bench)
         options = {"inner_steps": args.inner_steps} if method == "null_text" and args.inner_steps else None
 
         def once():
@@ -153,7 +186,7 @@ def run_case(name: str, args) -> dict:
             t0 = _now(args.device)
             inversion = bench.invert(method, args.steps, options)
             inverted, seconds = counted.evaluations - start, _now(args.device) - t0
-            bench.edit(inversion, offsets=offsets, editor=editor)
+            bench.edit(inversion, offsets=offsets, editor=editor, **prompts)
             return {"unet_evals": counted.evaluations - start, "unet_evals_inversion": inverted,
                     "seconds_inversion": seconds}
 
@@ -275,7 +308,7 @@ def print_table(results: dict, args, targets: list[dict]) -> None:
     base = results.get("ddim + DI")
     print(f"\n{args.size} UNet ({args.backend}), {args.device}, {args.dtype}, {args.steps} steps: one inversion + one "
           f"edit per image (cfg 7.5), median of {args.repeats}")
-    header = (f"{'case':<27}{'UNet evals (inv+edit)':>22}{'median s':>10}{'inv s':>8}{'x ddim+DI':>10}"
+    header = (f"{'case':<{NAME_WIDTH}}{'UNet evals (inv+edit)':>22}{'median s':>10}{'inv s':>8}{'x ddim+DI':>10}"
               f"{'peak MiB':>10}{'ref/ours s':>11}{'ref/ours evals':>15}")
     print(header)
     print("-" * len(header))
@@ -286,8 +319,8 @@ def print_table(results: dict, args, targets: list[dict]) -> None:
         vs_ddim = f"{r['seconds_median'] / base['seconds_median']:.2f}" if base else "-"
         speed = f"{ref['seconds_median'] / r['seconds_median']:.2f}" if ref else "-"
         saved = f"{ref['unet_evals'] / r['unet_evals']:.2f}" if ref else "-"
-        print(f"{name:<27}{evals:>22}{r['seconds_median']:>10.3f}{inv_s:>8}{vs_ddim:>10}{r['peak_mib']:>10.0f}"
-              f"{speed:>11}{saved:>15}")
+        print(f"{name:<{NAME_WIDTH}}{evals:>22}{r['seconds_median']:>10.3f}{inv_s:>8}{vs_ddim:>10}"
+              f"{r['peak_mib']:>10.0f}{speed:>11}{saved:>15}")
     first = next(iter(results.values()))
     print(f"(peak: {first['peak_kind']}; UNet weights {first['weights_mib']:.0f} MiB; reference loop in float32)")
     print("\ntargets:" if targets else "\ntargets: none of their cases ran")

@@ -161,7 +161,7 @@ def diffusers_run(bench_run, tmp_path_factory):
     return report, printed.getvalue()
 
 
-def test_benchmark_diffusers(diffusers_run):
+def test_benchmark_diffusers(bench_run, diffusers_run):
     report, out = diffusers_run
     _check_report(report, "diffusers")
     assert "ref/ours" in out and "targets:" in out and "reference loop (DI + P2P)" in out
@@ -170,7 +170,8 @@ def test_benchmark_diffusers(diffusers_run):
         line = next(line for line in lines if line.startswith(case["case"] + " "))
         inv = case.get("unet_evals_inversion")
         evals = str(case["unet_evals"]) if inv is None else f"{inv} + {case['unet_evals'] - inv} = {case['unet_evals']}"
-        assert line[27:49].strip() == evals and f"{case['seconds_median']:.3f}" in line, line
+        assert line[bench_run.NAME_WIDTH:bench_run.NAME_WIDTH + 22].strip() == evals, line
+        assert f"{case['seconds_median']:.3f}" in line, line
 
 
 def test_benchmark_comfyui_counts_as_diffusers(comfyui_path, bench_run, diffusers_run, tmp_path):
@@ -178,6 +179,84 @@ def test_benchmark_comfyui_counts_as_diffusers(comfyui_path, bench_run, diffuser
     _check_report(comfy, "comfyui")
     for ours, theirs in zip(comfy["cases"], diffusers_run[0]["cases"]):
         assert ours["unet_evals"] == theirs["unet_evals"], ours["case"]
+
+
+P2P_ZERO_CASES = {"ddim + P2P-Zero": ("ddim", "p2p_zero", "off"),
+                  "ddim + DI + P2P-Zero": ("ddim", "p2p_zero", "both"),
+                  "one forward + backward (latent grad)": ("forward_backward", None, None)}
+
+
+def _p2p_zero_rows(bench_run, backend: str) -> dict:
+    """The P2P-Zero rows and the forward + backward row, in this process (a subprocess each costs seconds more),
+    checked, with the table the command prints of them."""
+    args = bench_run.parse_args(["--steps", str(STEPS), "--repeats", "1", "--backend", backend])
+    rows = {name: bench_run.run_case(name, args) for name in P2P_ZERO_CASES}
+    steps = STEPS - 1  # as in _check_report
+    for name, (method, editor, offsets) in P2P_ZERO_CASES.items():
+        row = rows[name]
+        assert (row["method"], row["editor"], row["offsets"], row["backend"]) == (method, editor, offsets, backend)
+        assert set(row) == CASE_FIELDS | (INVERSION_FIELDS if editor else set()), name
+        assert len(row["seconds_all"]) == 1 and _finite(row["seconds_median"]) and row["seconds_median"] > 0
+        assert _finite(row["peak_mib"]) and row["peak_mib"] > row["weights_mib"] + 50
+    for name in ("ddim + P2P-Zero", "ddim + DI + P2P-Zero"):
+        # DDIM inversion: 1 a step; the edit: the source's conditional prediction, the target's gradient pass (its
+        # forward; the backward is no forward call) and the target's guided prediction (2)
+        assert rows[name]["unet_evals_inversion"] == steps, name
+        assert rows[name]["unet_evals"] == steps + (1 + 1 + 2) * steps, name
+    assert rows["one forward + backward (latent grad)"]["unet_evals"] == 1
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench_run.print_table(rows, args, [])
+    lines = printed.getvalue().splitlines()
+    for name, row in rows.items():
+        line = next(line for line in lines if line.startswith(name + " "))
+        inv = row.get("unet_evals_inversion")
+        evals = str(row["unet_evals"]) if inv is None else f"{inv} + {row['unet_evals'] - inv} = {row['unet_evals']}"
+        assert line[bench_run.NAME_WIDTH:bench_run.NAME_WIDTH + 22].strip() == evals, line
+    return rows
+
+
+def test_p2p_zero_rows_diffusers(bench_run):
+    _p2p_zero_rows(bench_run, "diffusers")
+
+
+def test_p2p_zero_rows_comfyui(comfyui_path, bench_run):
+    _p2p_zero_rows(bench_run, "comfyui")
+
+
+def _check_bench(bench_run, backend: str):
+    """P2P-Zero's target is source + Delta (one sentence a side: the target, to rounding); the forward + backward
+    case's gradient reaches a copy of the latent, one evaluation, and the weights require grad as before after it."""
+    bench = sys.modules[bench_run.Bench.__module__].Bench("tiny", backend, "cpu", torch.float32)
+    assert bench_run.edit_prompts("p2p", bench) == {}  # the other editors edit with the bench's target and null
+    prompts = bench_run.edit_prompts("p2p_zero", bench)
+    assert set(prompts) == {"target", "negative"} and prompts["negative"] is bench.source
+    directed = prompts["target"]
+    if backend == "diffusers":
+        torch.testing.assert_close(directed, bench.target)
+    else:
+        ((embeds, options),) = directed
+        torch.testing.assert_close(embeds, bench.target[0][0])
+        assert options == {}
+    requires = [p.requires_grad for p in bench.unet_module.parameters()]
+    grad = bench.forward_backward()
+    assert grad.shape == bench.latent.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert not bench.latent.requires_grad and bench.counted.evaluations == 1
+    assert [p.requires_grad for p in bench.unet_module.parameters()] == requires
+    assert all(p.grad is None for p in bench.unet_module.parameters())  # no weight gradients were made
+    return bench
+
+
+def test_bench_p2p_zero_target_and_gradient_diffusers(bench_run):
+    _check_bench(bench_run, "diffusers")
+
+
+def test_bench_p2p_zero_target_and_gradient_comfyui(comfyui_path, bench_run):
+    bench = _check_bench(bench_run, "comfyui")
+    # where the conditioning has a pooled output (SDXL), the direction moves it too
+    bench.source = [[bench.source[0][0], {"pooled_output": torch.ones(1, 4)}]]
+    bench.target = [[bench.target[0][0], {"pooled_output": torch.full((1, 4), 3.0)}]]
+    torch.testing.assert_close(bench.directed_target()[0][1]["pooled_output"], torch.full((1, 4), 3.0))
 
 
 def _fake(seconds: float, evals: int = 196, peak: float = 3000.0, weights: float = 1640.0, inversion: float = 0.2):
@@ -214,7 +293,9 @@ def test_sdxl_layout_runs_every_editor_and_the_reference(bench_run, monkeypatch)
     assert unet.config.addition_embed_type == "text_time" and sum(p.numel() for p in unet.parameters()) < 5e6
     args = bench_run.parse_args(["--size", "sdxl", "--steps", "3", "--repeats", "1"])
     evals = {name: bench_run.run_case(name, args)["unet_evals"]
-             for name in ["ddim + DI + P2P", "ddim + DI + MasaCtrl", "ddim + DI + PnP", "reference loop (DI + P2P)"]}
+             for name in ["ddim + DI + P2P", "ddim + DI + MasaCtrl", "ddim + DI + PnP", "ddim + DI + P2P-Zero",
+                          "one forward + backward (latent grad)", "reference loop (DI + P2P)"]}
     steps = 2  # as in _check_report
     assert evals == {"ddim + DI + P2P": steps + 3 * steps, "ddim + DI + MasaCtrl": steps + 4 * steps,
-                     "ddim + DI + PnP": steps + 3 * steps, "reference loop (DI + P2P)": 9 * 3}
+                     "ddim + DI + PnP": steps + 3 * steps, "ddim + DI + P2P-Zero": steps + 4 * steps,
+                     "one forward + backward (latent grad)": 1, "reference loop (DI + P2P)": 9 * 3}

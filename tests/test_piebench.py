@@ -142,7 +142,17 @@ def test_case_names():
     assert parse("negative-prompt-inversion+p2p").method == "negative_prompt"
     assert parse("edict").editor is None and parse("edict+direct_forward").name == "edict"
     assert parse("directinversion+masactrl").empty_source and not parse("ddim+pnp").empty_source
-    for bad in ("stylediffusion+p2p", "ddim+pix2pix", "", "ddim+p2p+pnp"):
+    for name in ("directinversion+p2p_zero", "directinversion+pix2pix-zero", "di+pix2pix_zero", "DDIM+P2P-Zero",
+                 "pnp_inversion+p2p-zero"):
+        case = parse(name)
+        assert case.editor == "p2p_zero" and case.method == "ddim" and case.name.endswith("+p2p_zero"), name
+    # Direct Inversion with P2P-Zero: offsets on both branches (the reference's latent_list path); no inversion
+    # that runs without offsets gets them
+    assert parse("directinversion+pix2pix-zero").name == "directinversion+p2p_zero"
+    assert parse("directinversion+p2p_zero").offsets == "both" and parse("ddim+p2p_zero").offsets == "off"
+    assert parse("null_text+p2p_zero").offsets == "off" and parse("edict+p2p_zero").offsets == "off"
+    assert parse("directinversion+pnp").offsets == "source" and parse("directinversion").offsets == "source"
+    for bad in ("stylediffusion+p2p", "ddim+pix2pix", "", "ddim+p2p+pnp", "ddim+p2p_zero+p2p"):
         with pytest.raises(pie_cases.CaseError):
             parse(bad)
 
@@ -171,8 +181,47 @@ def test_editors_follow_the_benchmark_runs(toy_data):
     pnp = pie_cases.make_editor(pie_cases.parse_case("ddim+pnp"), editors, model, entry, [])
     assert (pnp.feature_injection, pnp.attention_injection, pnp.feature_block) == (0.8, 0.5, 4)
     assert torch.equal(pnp.source_conditioning, model.embed([""]))
-    assert pie_cases.parse_case("ddim+pnp").negative_prompt == "ugly, blurry, black, low res, unrealistic"
-    assert pie_cases.parse_case("directinversion+p2p").negative_prompt == ""
+    assert pie_cases.parse_case("ddim+pnp").negative_prompt(entry) == "ugly, blurry, black, low res, unrealistic"
+    assert pie_cases.parse_case("directinversion+p2p").negative_prompt(entry) == ""
+
+
+def test_p2p_zero_follows_the_benchmark_run(toy_data):
+    """P2P-Zero: xa_guidance 0.1; the target is the source prompt's embedding plus E(target) - E(source) of the
+    benchmark's prompts with the brackets stripped (one sentence per side), its negative the source prompt (the
+    reference's caption); with Direct Inversion the offsets are the editor's own default (both branches)."""
+    _, editors = piebench._pack()
+    from benchmarks.pie import models
+
+    model = models.load_model("toy")
+    entry = pie.load(toy_data)[0]
+    case = pie_cases.parse_case("directinversion+pix2pix-zero")
+    editor = pie_cases.make_editor(case, editors, model, entry, [])
+    assert isinstance(editor, editors.P2PZeroEditor) and editor.xa_guidance == 0.1
+    assert case.offsets == editors.P2PZeroEditor.default_offsets == "both"  # what the adapters' "auto" gives
+    assert pie_cases.make_editor(pie_cases.parse_case("ddim+p2p_zero", pie_cases.Settings(p2p_zero_guidance=0.3)),
+                                 editors, model, entry, []).xa_guidance == 0.3
+    assert case.negative_prompt(entry) == entry.source_prompt and not case.empty_source
+    import dataclasses
+
+    items = json.loads((toy_data / "mapping_file.json").read_text())
+    raw = items[entry.key]
+    assert "[" in raw["original_prompt"] and "[" in raw["editing_prompt"]
+    # the loader strips the brackets; an entry that still had them gets them stripped for the direction too
+    marked = dataclasses.replace(entry, source_prompt=raw["original_prompt"], target_prompt=raw["editing_prompt"])
+    stripped = ([pie.strip_brackets(raw["original_prompt"])], [pie.strip_brackets(raw["editing_prompt"])])
+    assert pie_cases.direction_sentences(marked) == pie_cases.direction_sentences(entry) == stripped
+    assert stripped == ([entry.source_prompt], [entry.target_prompt])
+    embed = {text: model.embed([text]) for text in (entry.source_prompt, entry.target_prompt, "")}
+    source = embed[entry.source_prompt]
+    target = pie_cases.target_conditioning(case, editors, model, entry, source)
+    expected = source + (embed[entry.target_prompt] - embed[entry.source_prompt])
+    torch.testing.assert_close(target, expected, rtol=0, atol=1e-6)
+    # the direction is added to the conditioning it is given (the source prompt's, in the run)
+    other = pie_cases.target_conditioning(case, editors, model, entry, embed[""])
+    torch.testing.assert_close(other, embed[""] + (embed[entry.target_prompt] - embed[entry.source_prompt]),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(pie_cases.target_conditioning(pie_cases.parse_case("ddim+p2p"), editors, model, entry, source),
+                       embed[entry.target_prompt])
 
 
 # ------------------------------------------------------------------------------------------------ runs on models
@@ -233,6 +282,86 @@ def test_run_resumes_and_refuses_other_settings(toy_data, tmp_path):
     other = pie_cases.parse_case("directinversion+p2p", pie_cases.Settings(steps=4))
     with pytest.raises(pie_run.RunError, match="steps"):
         pie_run.run(pie_run.DiffusersRunner(pack, model), [other], entries, tmp_path)
+    # a run.json from before the offsets and P2P-Zero's guidance were recorded still matches, and gets them
+    assert run_info["offsets"] == "source" and run_info["p2p_zero_guidance"] == 0.1
+    older = {k: v for k, v in run_info.items() if k not in ("offsets", "p2p_zero_guidance")}
+    (tmp_path / case.name / "run.json").write_text(json.dumps(older))
+    counts = pie_run.run(pie_run.DiffusersRunner(pack, model), [case], pie.load(toy_data, limit=3), tmp_path)
+    assert counts[case.name] == {"done": 0, "skipped": 3, "failed": 0}
+    assert json.loads((tmp_path / case.name / "run.json").read_text()) == run_info
+    (tmp_path / case.name / "run.json").write_text(json.dumps({**older, "offsets": "both"}))
+    with pytest.raises(pie_run.RunError, match="offsets"):
+        pie_run.run(pie_run.DiffusersRunner(pack, model), [case], entries, tmp_path)
+
+
+def test_p2p_zero_cases_run_with_the_reference_conditioning(toy_data, tmp_path):
+    """ddim+p2p_zero and directinversion+p2p_zero through the diffusers runner: edits saved, and each edit is given
+    the inversion on the source prompt, the target source + (E(target) - E(source)), the source prompt as negative,
+    a P2PZeroEditor and the case's offsets ("both" with Direct Inversion), as run.json and the records say."""
+    di, editors = piebench._pack()
+    from benchmarks.pie import models
+
+    model = models.load_model("toy")
+    calls = []
+
+    class Recording:  # the pack's diffusers backend, keeping what each edit is given
+        invert = staticmethod(di.invert)
+
+        @staticmethod
+        def edit(unet, scheduler, inversion, target, negative, **options):
+            calls.append({"target": target, "negative": negative, "source": inversion.conditioning, **options})
+            return di.edit(unet, scheduler, inversion, target, negative, **options)
+
+    cases = [pie_cases.parse_case(name, pie_cases.Settings(steps=3)) for name in ("ddim+p2p_zero",
+                                                                                   "directinversion+pix2pix-zero")]
+    entries = pie.load(toy_data, limit=1)
+    counts = pie_run.run(pie_run.DiffusersRunner((Recording, editors), model), cases, entries, tmp_path)
+    assert counts == {c: {"done": 1, "skipped": 0, "failed": 0} for c in ("ddim+p2p_zero", "directinversion+p2p_zero")}
+    entry = entries[0]
+    source, target = model.embed([entry.source_prompt]), model.embed([entry.target_prompt])
+    from PIL import Image
+
+    assert len(calls) == 2
+    for case, call, offsets in zip(cases, calls, ("off", "both")):
+        torch.testing.assert_close(call["target"], source + (target - source), rtol=0, atol=1e-6)
+        assert torch.equal(call["negative"], source) and torch.equal(call["source"], source)
+        assert isinstance(call["editor"], editors.P2PZeroEditor) and call["editor"].xa_guidance == 0.1
+        assert call["offsets"] == offsets and call["cfg"] == 7.5
+        with Image.open(pie_run.edit_path(tmp_path, case.name, entry.image_path)) as picture:
+            assert picture.size == (512, 512)
+        run_info = json.loads((tmp_path / case.name / "run.json").read_text())
+        assert run_info["offsets"] == offsets and run_info["p2p_zero_guidance"] == 0.1 and run_info["steps"] == 3
+        record = pie_run.read_records(tmp_path / case.name)[entry.key]
+        assert "error" not in record and record["offsets"] == offsets and record["unet_evals"] > 0, record
+
+
+def test_comfyui_graph_of_a_p2p_zero_case(toy_data):
+    """The ComfyUI runner's graph for P2P-Zero: the P2P-Zero Editor node on the benchmark's prompts (one sentence per
+    side); its source conditioning (1) to Invert's source and the sampler's negative, its target (2) to the sampler's
+    target, the editor (0) to the sampler's editor; offsets "both" with Direct Inversion, "off" without."""
+    from benchmarks.pie import comfy
+
+    runner = object.__new__(comfy.ComfyRunner)  # the graph alone: no ComfyUI needed
+    runner.checkpoint, runner.loader, runner.resolution = "sd15.safetensors", "CheckpointLoaderSimple", 512
+    entry = pie.load(toy_data)[0]
+    for name, offsets in (("directinversion+p2p_zero", "both"), ("ddim+pix2pix_zero", "off")):
+        graph = runner.prompt(pie_cases.parse_case(name, pie_cases.Settings(steps=7)), entry, "piebench/x.png")
+        nodes = {}
+        for node_id, node in graph.items():
+            nodes.setdefault(node["class_type"], []).append((node_id, node["inputs"]))
+        (ckpt, _), = nodes["CheckpointLoaderSimple"]
+        (editor, inputs), = nodes["DirectInversion_P2PZeroEditor"]
+        assert inputs == {"clip": [ckpt, 1], "source_prompt": entry.source_prompt,
+                          "target_prompt": entry.target_prompt, "xa_guidance": 0.1,
+                          "source_sentences": entry.source_prompt, "target_sentences": entry.target_prompt}
+        (_, invert), = nodes["DirectInversion_Invert"]
+        assert invert["source"] == [editor, 1] and invert["method"] == "ddim" and invert["steps"] == 7
+        (_, sampler), = nodes["DirectInversion_Sampler"]
+        assert sampler["target"] == [editor, 2] and sampler["negative"] == [editor, 1]
+        assert sampler["editor"] == [editor, 0] and sampler["offsets"] == offsets and sampler["cfg"] == 7.5
+        # the one text encode left is the empty prompt of Invert's negative: the prompts go through the editor
+        assert [n["text"] for _, n in nodes["CLIPTextEncode"]] == [""]
+        assert invert["negative"] == [nodes["CLIPTextEncode"][0][0], 0]
 
 
 def test_run_records_a_failing_image_and_goes_on(toy_data, tmp_path, monkeypatch):
@@ -318,12 +447,13 @@ def test_run_through_a_diffusers_folder(toy_data, tmp_path):
     folder = _tiny_sd_folder(tmp_path / "sd")
     out = tmp_path / "out"
     code = piebench.main(["run", "--data", str(toy_data), "--model", str(folder), "--cases", "directinversion+p2p",
-                          "ddim+masactrl", "--out", str(out), "--limit", "1", "--steps", "3", "--device", "cpu"])
+                          "ddim+masactrl", "directinversion+p2p_zero", "--out", str(out), "--limit", "1", "--steps",
+                          "3", "--device", "cpu"])
     assert code == 0
     entry = pie.load(toy_data, limit=1)[0]
     from PIL import Image
 
-    for case in ("directinversion+p2p", "ddim+masactrl"):
+    for case in ("directinversion+p2p", "ddim+masactrl", "directinversion+p2p_zero"):
         assert Image.open(pie_run.edit_path(out, case, entry.image_path)).size == (512, 512)
         run_info = json.loads((out / case / "run.json").read_text())
         assert run_info["model"] == str(folder.resolve()) and run_info["steps"] == 3 and run_info["resolution"] == 16 * 2
@@ -371,22 +501,26 @@ def test_run_through_comfyui_headless(comfy_env, comfyui_path, toy_data, tmp_pat
     out = tmp_path / "out"
     argv = ["run", "--data", str(toy_data), "--comfyui", "tiny.safetensors", "--comfyui-path", str(comfyui_path),
             "--comfyui-loader", "DITest_TinyCheckpoint", "--resolution", "128", "--cases", "directinversion+p2p",
-            "ddim+masactrl", "directinversion+pnp", "edict", "--out", str(out), "--limit", "1", "--steps", "3",
-            "--pnp-block", "3", "--device", "cpu"]
+            "ddim+masactrl", "directinversion+pnp", "edict", "directinversion+pix2pix-zero", "--out", str(out),
+            "--limit", "1", "--steps", "3", "--pnp-block", "3", "--device", "cpu"]
     assert piebench.main(argv) == 0
     entry = pie.load(toy_data, limit=1)[0]
     from PIL import Image
 
-    for case in ("directinversion+p2p", "ddim+masactrl", "directinversion+pnp", "edict"):
+    for case in ("directinversion+p2p", "ddim+masactrl", "directinversion+pnp", "edict", "directinversion+p2p_zero"):
         assert Image.open(pie_run.edit_path(out, case, entry.image_path)).size == (512, 512)
         record = pie_run.read_records(out / case)[entry.key]
         assert "error" not in record and record["unet_evals"] > 0, record
-        assert json.loads((out / case / "run.json").read_text())["model"] == "comfyui:tiny.safetensors"
+        run_info = json.loads((out / case / "run.json").read_text())
+        assert run_info["model"] == "comfyui:tiny.safetensors"
+        assert record["offsets"] == run_info["offsets"] == pie_cases.parse_case(case).offsets
+    assert pie_run.read_records(out / "directinversion+p2p_zero")[entry.key]["offsets"] == "both"
     # the graph does the work of the diffusers path: as many UNet evaluations per case (the toy model there)
     toy_out = tmp_path / "toy"
     assert piebench.main(["run", "--data", str(toy_data), "--model", "toy", "--cases", "directinversion+p2p", "edict",
-                          "--out", str(toy_out), "--limit", "1", "--steps", "3", "--device", "cpu"]) == 0
-    for case in ("directinversion+p2p", "edict"):
+                          "directinversion+p2p_zero", "--out", str(toy_out), "--limit", "1", "--steps", "3",
+                          "--device", "cpu"]) == 0
+    for case in ("directinversion+p2p", "edict", "directinversion+p2p_zero"):
         assert (pie_run.read_records(out / case)[entry.key]["unet_evals"]
                 == pie_run.read_records(toy_out / case)[entry.key]["unet_evals"])
     assert piebench.main(argv) == 0  # resumed: nothing left to do

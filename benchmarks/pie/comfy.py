@@ -1,6 +1,11 @@
 """The benchmark's cases through ComfyUI, headless: per image, the graph of the sample workflows (Load Checkpoint,
 Load Image, resize, VAE Encode, the editor node, Invert, Direct Inversion Sampler, VAE Decode, Save Image), run by
 ComfyUI's own validation and executor in this process (headless/run.py).
+
+Pix2Pix-Zero as in the workflow p2p_zero_cat_to_dog: the P2P-Zero Editor node builds the edit direction from the
+benchmark's prompts (one sentence per side, ``cases.direction_sentences``); its source conditioning goes to Invert
+and to the sampler's negative (the reference's caption as negative prompt), its target (source + direction) to the
+sampler's target, and the sampler's offsets are the case's (with Direct Inversion "both", what "auto" resolves to).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import data as pie
-from .cases import Case
+from .cases import Case, direction_sentences
 from .run import load_image, resize
 
 INPUT_SUBFOLDER = "piebench"
@@ -109,6 +114,11 @@ class ComfyRunner:
                          target_prompt=entry.target_prompt, feature_injection=s.pnp_feature,
                          attention_injection=s.pnp_attention, feature_block=s.pnp_block,
                          attention_from_block=s.pnp_block)
+        elif case.editor == "p2p_zero":
+            sources, targets = direction_sentences(entry)
+            editor = add("DirectInversion_P2PZeroEditor", clip=[ckpt, 1], source_prompt=source_text,
+                         target_prompt=entry.target_prompt, xa_guidance=s.p2p_zero_guidance,
+                         source_sentences="\n".join(sources), target_sentences="\n".join(targets))
         if editor is None:
             source = [add("CLIPTextEncode", text=source_text, clip=[ckpt, 1]), 0]
             target = [add("CLIPTextEncode", text=entry.target_prompt, clip=[ckpt, 1]), 0]
@@ -116,10 +126,12 @@ class ComfyRunner:
             source, target = [editor, 1], [editor, 2]
         inversion = add("DirectInversion_Invert", model=[ckpt, 0], latent=[latent, 0], source=source,
                         negative=[negative, 0], method=case.method, steps=s.steps, cfg=1.0)
-        edit_negative = negative
-        if case.negative_prompt:
-            edit_negative = add("CLIPTextEncode", text=case.negative_prompt, clip=[ckpt, 1])
-        sampler = {"model": [ckpt, 0], "inversion": [inversion, 0], "target": target, "negative": [edit_negative, 0],
+        edit_negative = [negative, 0]
+        if case.editor == "p2p_zero":  # the source prompt (the reference's caption), encoded by the editor node
+            edit_negative = source
+        elif case.negative_prompt(entry):
+            edit_negative = [add("CLIPTextEncode", text=case.negative_prompt(entry), clip=[ckpt, 1]), 0]
+        sampler = {"model": [ckpt, 0], "inversion": [inversion, 0], "target": target, "negative": edit_negative,
                    "cfg": s.cfg, "offsets": case.offsets}
         if editor is not None:
             sampler["editor"] = [editor, 0]

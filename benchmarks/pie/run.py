@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import data as pie
-from .cases import Case, make_editor
+from .cases import Case, make_editor, target_conditioning
 
 EDITS = "annotation_images"
 RECORDS = "records"
@@ -108,8 +108,9 @@ def _peak_memory_mb(device: torch.device) -> Optional[float]:
 
 def edit_entry(pack, model, case: Case, entry: pie.Entry, counter: UNetCounter) -> tuple[torch.Tensor, dict]:
     """One benchmark edit: the image at the model's resolution, inverted with the case's method (on the source
-    prompt, or the empty prompt for MasaCtrl as its benchmark run does), edited toward the target prompt, decoded
-    and brought back to the data's resolution."""
+    prompt, or the empty prompt for MasaCtrl as its benchmark run does), edited toward the target prompt (for
+    Pix2Pix-Zero the source prompt plus the edit direction, see ``cases.target_conditioning``) against the case's
+    negative prompt, decoded and brought back to the data's resolution."""
     di, editors = pack
     s = case.settings
     source_image = load_image(entry.image_file)
@@ -121,8 +122,9 @@ def edit_entry(pack, model, case: Case, entry: pie.Entry, counter: UNetCounter) 
     z0 = model.encode(x)
     source_text = "" if case.empty_source else entry.source_prompt
     source, null = model.embed([source_text]), model.embed([""])
-    target = model.embed([entry.target_prompt])
-    negative = null if not case.negative_prompt else model.embed([case.negative_prompt])
+    target = target_conditioning(case, editors, model, entry, source)
+    negative_text = case.negative_prompt(entry)
+    negative = null if not negative_text else model.embed([negative_text])
     inversion = di.invert(model.unet, model.scheduler, z0, source, null, steps=s.steps, method=case.method)
     editor = make_editor(case, editors, model, entry, notes)
     result = di.edit(model.unet, model.scheduler, inversion, target, negative, cfg=s.cfg, offsets=case.offsets,
@@ -135,16 +137,29 @@ def edit_entry(pack, model, case: Case, entry: pie.Entry, counter: UNetCounter) 
     return out, record
 
 
+# Keys that run.json files written before them lack. Such a file still matches: its runs did what the keys now say
+# (no case ran Pix2Pix-Zero, and every case's offsets were its inversion's), and it is rewritten with them.
+ADDED_KEYS = ("offsets", "p2p_zero_guidance")
+
+
+def _write_settings(case_dir: Path, settings: dict) -> None:
+    temporary = case_dir / f"run.json.{os.getpid()}.part"
+    temporary.write_text(json.dumps(settings, indent=1))
+    os.replace(temporary, case_dir / "run.json")  # N shards with the same settings write the same file
+
+
 def _check_settings(case_dir: Path, settings: dict) -> None:
     """Record a case's settings, or check them against those recorded (shards may start together: the file is
     written whole, by rename, and a reader that finds none tries to write it)."""
     path = case_dir / "run.json"
     case_dir.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
-        temporary = case_dir / f"run.json.{os.getpid()}.part"
-        temporary.write_text(json.dumps(settings, indent=1))
-        os.replace(temporary, path)  # N shards with the same settings write the same file
+        _write_settings(case_dir, settings)
     before = json.loads(path.read_text())
+    older = {k: v for k, v in settings.items() if k not in ADDED_KEYS or k in before}
+    if before != settings and before == older:
+        _write_settings(case_dir, settings)
+        before = settings
     if before != settings:
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         raise RunError(f"{case_dir} holds edits made with other settings ({', '.join(changed)}); use another "
@@ -178,7 +193,7 @@ def run(runner, cases: Sequence[Case], entries: Sequence[pie.Entry], out_dir, sh
     device = torch.device(getattr(runner, "device", "cpu"))
     counts = {case.name: {"done": 0, "skipped": 0, "failed": 0} for case in cases}
     for case in cases:
-        _check_settings(out_dir / case.name, {"case": case.name, "model": runner.name,
+        _check_settings(out_dir / case.name, {"case": case.name, "model": runner.name, "offsets": case.offsets,
                                               **getattr(runner, "settings", {}), **case.settings.as_dict()})
         counts[case.name]["skipped"] = sum(1 for e in entries if find_edit(out_dir, case.name, e.image_path))
     todo = [(case, entry) for case in cases for entry in entries if not find_edit(out_dir, case.name, entry.image_path)]
@@ -202,6 +217,7 @@ def run(runner, cases: Sequence[Case], entries: Sequence[pie.Entry], out_dir, sh
                 record["peak_memory_mb"] = _peak_memory_mb(device)
                 save_image(image, edit_path(out_dir, case.name, entry.image_path, case.settings.save_format))
                 counts[case.name]["done"] += 1
+            record.setdefault("offsets", case.offsets)  # what ran (P2P-Zero with Direct Inversion: both branches)
             with records.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if bar is not None:

@@ -10,8 +10,8 @@ score it with the benchmark's own metrics.
 PIE_DIR is the benchmark's ``data`` folder (``mapping_file.json`` and ``annotation_images/``). MODEL is a local
 diffusers Stable Diffusion folder or ``toy`` (the project's trained toy model; ``toy-data`` writes a small
 benchmark in PIE-Bench's format that it can edit). CASE is INVERSION[+EDITOR]: ddim+p2p, directinversion+p2p,
-null_text+p2p, negative_prompt+p2p, edict, ddim+masactrl, directinversion+masactrl, ddim+pnp, directinversion+pnp
-(see benchmarks/pie/cases.py). Runs resume (edits already saved are skipped); ``--shard K/N`` lets N processes
+null_text+p2p, negative_prompt+p2p, edict, ddim+masactrl, directinversion+masactrl, ddim+pnp, directinversion+pnp,
+ddim+p2p_zero, directinversion+p2p_zero (see benchmarks/pie/cases.py). Runs resume (edits already saved are skipped); ``--shard K/N`` lets N processes
 share the images. ``evaluate`` writes per_image.csv, summary.md and summary.png into OUT_DIR.
 """
 from __future__ import annotations
@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                    "16, the same place on other UNets)")
     r.add_argument("--pnp-block", type=int, default=4, help="PnP's decoder block for feature injection and the "
                    "first with attention injection (reference: 4)")
+    r.add_argument("--p2p-zero-guidance", type=float, default=0.1, help="Pix2Pix-Zero's cross-attention guidance "
+                   "step (benchmark: 0.1)")
     r.add_argument("--p2p-mode", default="refine", choices=("refine", "replace", "auto"), help="Prompt-to-Prompt's "
                    "mode (benchmark: refine for every image)")
     r.add_argument("--png", action="store_true", help="save edits losslessly (default: JPEG at quality 75, as the "
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         settings = pie_cases.Settings(steps=args.steps, cfg=args.cfg, masactrl_layer=args.masactrl_layer,
                                       pnp_block=args.pnp_block, p2p_mode=args.p2p_mode,
+                                      p2p_zero_guidance=args.p2p_zero_guidance,
                                       save_format="png" if args.png else "jpg")
         cases = [pie_cases.parse_case(c, settings) for c in (args.cases or pie_cases.DEFAULT_CASES)]
         entries = pie_data.load(args.data, types=args.types, limit=args.limit,

@@ -244,7 +244,7 @@ class P2PZeroEditorNode(io.ComfyNode):
                 io.String.Input("target_prompt", multiline=True, default="a dog sitting on a bench",
                                 tooltip="What it should show: the edit direction's target when no target sentences "
                                         "are given."),
-                io.Float.Input("xa_guidance", default=0.1, min=0.0, max=10.0, step=0.01, round=False,
+                io.Float.Input("xa_guidance", default=0.1, min=0.0, max=100.0, step=0.01, round=False,
                                tooltip="Step size of the cross-attention guidance (reference 0.1); 0: the edit "
                                        "direction alone."),
                 io.String.Input("source_sentences", multiline=True, default="",

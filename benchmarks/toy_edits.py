@@ -9,15 +9,17 @@ Prints three tables and writes them as JSON (``conditioning``, ``reconstruction`
 2. reconstruction: latent MSE against the VAE latent and pixel PSNR against the image, per inversion method,
    from the source branch of an edit (editors act on the target branch only; the source branch is the method's
    reconstruction: DDIM without offsets, Direct Inversion's pinned branch, the other methods as they sample);
-3. edits on held-out solid-style images: a colour swap (the object's colour word replaced by another colour) with
-   no editor, Prompt-to-Prompt (replace, local blend on the shape word), MasaCtrl and Plug-and-Play, and a style
-   edit (solid -> hollow) with Plug-and-Play, and identity edits (target prompt = source prompt; Direct Inversion,
-   so the source branch the editors read is the exact inversion while the target samples freely at cfg 7.5)
-   without an editor, with MasaCtrl and with Plug-and-Play. Each row: edit success (the target attribute
-   read off the edited image by the checker; for identity edits, colour, shape and style unchanged), background
-   PSNR/SSIM/MSE outside the source's object mask (grown by 2 px), the source/edit silhouette IoU, whether the
-   shape is still read as the source's, whole-image PSNR against the source, UNet evaluations (samples, not calls)
-   and seconds per image (inversion included).
+3. edits on held-out solid-style images: a colour swap (the object's colour word replaced by another colour) with no
+   editor, Prompt-to-Prompt (replace, local blend on the shape word), MasaCtrl, Plug-and-Play and Pix2Pix-Zero (its
+   cross-attention guidance at the reference's step 0.1, at 100 and off; the target conditioning is the source
+   caption's embedding plus the edit direction, the negative prompt the source caption, as PnPInversion's
+   Pix2Pix-Zero runs), a style edit (solid -> hollow) with Plug-and-Play, and identity edits (target prompt = source
+   prompt; Direct Inversion, so the source branch the editors read is the exact inversion while the target samples
+   freely at cfg 7.5) without an editor, with MasaCtrl and with Plug-and-Play. Each row: edit success (the target
+   attribute read off the edited image by the checker; for identity edits, colour, shape and style unchanged),
+   background PSNR/SSIM/MSE outside the source's object mask (grown by 2 px), the source/edit silhouette IoU,
+   whether the shape is still read as the source's, whole-image PSNR against the source, UNet evaluations (samples,
+   not calls) and seconds per image (inversion included).
 
 Everything runs through the pack's diffusers backend (adapters/diffusers_backend.py) on the CPU. Images are
 processed in groups of ``--group`` (one batched call per step; every caption has the same token layout, so one
@@ -59,7 +61,10 @@ def _pack():
     return (diffusers_backend, editors), data, checker, model
 
 
-# (row name, method, offsets, editor, edit kind)
+# (row name, method, offsets, editor, edit kind[, options]). Options: "negative", the unconditional input of the
+# edit: "null" (the empty prompt; the default) or "source" (the source caption); "xa_guidance", Pix2Pix-Zero's
+# guidance step (default the editor's, the reference's 0.1; 0: the edit direction alone).
+P2P_ZERO = {"negative": "source"}  # PnPInversion's Pix2Pix-Zero runs: the caption is the negative prompt too
 EDIT_ROWS = (
     ("DDIM, no editor", "ddim", "off", None, "colour"),
     ("Direct Inversion, no editor", "ddim", "source", None, "colour"),
@@ -72,6 +77,14 @@ EDIT_ROWS = (
     ("Direct Inversion + MasaCtrl", "ddim", "source", "masactrl", "colour"),
     ("DDIM + PnP", "ddim", "off", "pnp", "colour"),
     ("Direct Inversion + PnP", "ddim", "source", "pnp", "colour"),
+    ("DDIM + P2P-Zero", "ddim", "off", "p2p_zero", "colour", P2P_ZERO),
+    ("Direct Inversion + P2P-Zero", "ddim", "both", "p2p_zero", "colour", P2P_ZERO),
+    ("Direct Inversion + P2P-Zero (no guidance)", "ddim", "both", "p2p_zero", "colour",
+     {**P2P_ZERO, "xa_guidance": 0.0}),
+    # The reference's step (0.1) barely moves this toy's latent (the loss drops < 0.01 % per step); 100 does
+    # (benchmarks/results/toy_p2p_zero.md).
+    ("Direct Inversion + P2P-Zero (guidance 100)", "ddim", "both", "p2p_zero", "colour",
+     {**P2P_ZERO, "xa_guidance": 100.0}),
     ("DDIM + PnP (style)", "ddim", "off", "pnp", "style"),
     ("Direct Inversion + PnP (style)", "ddim", "source", "pnp", "style"),
     ("Direct Inversion, no editor (identity)", "ddim", "source", None, "identity"),
@@ -87,6 +100,16 @@ RECONSTRUCTION_ROWS = (
     ("Negative-prompt, cfg 7.5", "negative_prompt", "off", EDIT_CFG),
     ("EDICT (its guidance 3)", "edict", "off", EDIT_CFG),
 )
+
+
+# Editors whose source branch is predicted from its conditional half alone: their source branch is no cfg-7.5
+# reconstruction.
+SOURCE_UNGUIDED = ("pnp", "p2p_zero")
+
+
+def edit_row(row: tuple) -> tuple:
+    """(name, method, offsets, editor, edit kind, options) of an EDIT_ROWS entry (options {} when it has none)."""
+    return (*row, {}) if len(row) == 5 else tuple(row)
 
 
 def colour_target(sample, seed: int) -> str:
@@ -139,7 +162,7 @@ def conditioning(toy, data, checker, captions: int, steps: int, cfg: float = EDI
              "steps": steps, "cfg": cfg} for a, n in hits.items()]
 
 
-def _editor(pack, toy, kind: str, source_text: str, target_text: str, shape_word: str):
+def _editor(pack, toy, kind: str, source_text: str, target_text: str, shape_word: str, options: dict):
     editors = pack[1]
     if kind is None:
         return None
@@ -154,13 +177,22 @@ def _editor(pack, toy, kind: str, source_text: str, target_text: str, shape_word
         return editors.MasaCtrlEditor()
     if kind == "pnp":
         return editors.PnPEditor(source_conditioning=toy.embed([""]))
+    if kind == "p2p_zero":
+        return editors.P2PZeroEditor(**{k: v for k, v in options.items() if k == "xa_guidance"})
     raise ValueError(kind)
+
+
+def p2p_zero_conditioning(editors, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pix2Pix-Zero's target conditioning per image: source + Delta_i, Delta_i = edit_direction([E(source_i)],
+    [E(target_i)]) (one sentence per side, so this is E(target_i) up to rounding)."""
+    return torch.cat([source[i:i + 1] + editors.edit_direction([source[i:i + 1]], [target[i:i + 1]]).to(source)
+                      for i in range(source.shape[0])])
 
 
 def run_group(args: tuple) -> dict:
     """Every inversion, reconstruction and edit row for one group of images (runs in a worker process)."""
     seeds, steps, weights, threads, keep_images, only = args
-    rows_run = [r for r in EDIT_ROWS if not only or any(word in r[0] for word in only)]
+    rows_run = [edit_row(r) for r in EDIT_ROWS if not only or any(word in r[0] for word in only)]
     torch.set_num_threads(threads)
     pack, data, checker, model = _pack()
     from benchmarks.pie.run import UNetCounter
@@ -176,6 +208,7 @@ def run_group(args: tuple) -> dict:
     colour_text = [s.with_(colour=colour_target(s, seed)).caption for s, seed in zip(samples, seeds)]
     style_text = [s.with_(style="hollow").caption for s in samples]
     source, null = toy.embed(source_text), toy.embed([""] * len(samples))
+    negatives = {"null": null, "source": source}
     targets = {"colour": toy.embed(colour_text), "style": toy.embed(style_text), "identity": source}
     target_text = {"colour": colour_text, "style": style_text, "identity": source_text}
     from benchmarks.toy.tokenizer import tokenizer
@@ -198,16 +231,16 @@ def run_group(args: tuple) -> dict:
             inversions[method] = di.invert(toy.unet, toy.scheduler, z0, source, null, steps=steps, method=method)
         inversion_cost[method] = (counter.count, time.perf_counter() - start)
 
-    def run_edit(method, offsets, editor, target, cfg):
+    def run_edit(method, offsets, editor, target, cfg, negative=null):
         counter.count, start = 0, time.perf_counter()
         inv = inversions[method]
         if isinstance(inv, list):
-            results = [di.edit(toy.unet, toy.scheduler, part, target[i:i + 1], null[i:i + 1], cfg=cfg, offsets=offsets,
-                               editor=editor) for i, part in enumerate(inv)]
+            results = [di.edit(toy.unet, toy.scheduler, part, target[i:i + 1], negative[i:i + 1], cfg=cfg,
+                               offsets=offsets, editor=editor) for i, part in enumerate(inv)]
             edited = torch.cat([r.edited for r in results])
             recon = torch.cat([r.source for r in results])
         else:
-            result = di.edit(toy.unet, toy.scheduler, inv, target, null, cfg=cfg, offsets=offsets, editor=editor)
+            result = di.edit(toy.unet, toy.scheduler, inv, target, negative, cfg=cfg, offsets=offsets, editor=editor)
             edited, recon = result.edited, result.source
         evals = counter.count + inversion_cost[method][0]
         seconds = time.perf_counter() - start + inversion_cost[method][1]
@@ -217,13 +250,18 @@ def run_group(args: tuple) -> dict:
     recon_rows = {}
     if not only:
         recon_rows["DDIM, cfg 1"] = run_edit("ddim", "off", None, source, 1.0)[1]
-    for name, method, offsets, editor_kind, kind in rows_run:
+    for name, method, offsets, editor_kind, kind, options in rows_run:
         editor = None
         if editor_kind is not None:
-            editor = _editor(pack, toy, editor_kind, source_text[0], target_text[kind][0], samples[0].shape)
-        edited, recon, evals, seconds = run_edit(method, offsets, editor, targets[kind], EDIT_CFG)
+            editor = _editor(pack, toy, editor_kind, source_text[0], target_text[kind][0], samples[0].shape, options)
+        target = targets[kind]
+        if editor_kind == "p2p_zero":
+            target = p2p_zero_conditioning(pack[1], source, target)
+        edited, recon, evals, seconds = run_edit(method, offsets, editor, target, EDIT_CFG,
+                                                 negatives[options.get("negative", "null")])
         for row_name, m, o, cfg in RECONSTRUCTION_ROWS:
-            if m == method and o == offsets and cfg == EDIT_CFG and row_name not in recon_rows:
+            if m == method and o == offsets and cfg == EDIT_CFG and row_name not in recon_rows and \
+                    editor_kind not in SOURCE_UNGUIDED:
                 recon_rows[row_name] = recon
         pixels = toy.decode(edited)
         for i, (sample, seed) in enumerate(zip(samples, seeds)):
@@ -268,12 +306,12 @@ def summarise(parts: list[dict]) -> tuple[list[dict], list[dict]]:
         recon_rows.append({"row": name, "images": len(rows), "latent_mse": _mean(r["latent_mse"] for r in rows),
                            "psnr": _mean(r["psnr"] for r in rows)})
     edit_rows = []
-    for name, method, offsets, editor, kind in EDIT_ROWS:
+    for name, method, offsets, editor, kind, options in map(edit_row, EDIT_ROWS):
         rows = [r for r in edits if r["row"] == name]
         if not rows:
             continue
         edit_rows.append({"row": name, "method": method, "offsets": offsets, "editor": editor or "none", "edit": kind,
-                          "images": len(rows), "success": _mean(r["success"] for r in rows),
+                          **options, "images": len(rows), "success": _mean(r["success"] for r in rows),
                           "bg_psnr": _mean(r["bg_psnr"] for r in rows), "bg_ssim": _mean(r["bg_ssim"] for r in rows),
                           "bg_mse": _mean(r["bg_mse"] for r in rows), "mask_iou": _mean(r["iou"] for r in rows),
                           "psnr": _mean(r["psnr"] for r in rows),
@@ -349,7 +387,7 @@ def main(argv=None) -> dict:
                 [("row", "row", 28, ""), ("images", "images", 6, "d"), ("latent MSE", "latent_mse", 10, ".5f"),
                  ("PSNR dB", "psnr", 7, ".2f")])
     print_table(f"Edits: {len(seeds)} held-out solid images, {args.steps} steps, cfg {EDIT_CFG}", edit_rows,
-                [("row", "row", 30, ""), ("success", "success", 7, ".2f"), ("bg PSNR", "bg_psnr", 7, ".2f"),
+                [("row", "row", 42, ""), ("success", "success", 7, ".2f"), ("bg PSNR", "bg_psnr", 7, ".2f"),
                  ("bg SSIM", "bg_ssim", 7, ".4f"), ("bg MSE", "bg_mse", 8, ".5f"), ("mask IoU", "mask_iou", 8, ".3f"),
                  ("shape kept", "kept_shape", 10, ".2f"), ("PSNR", "psnr", 6, ".2f"), ("UNet evals", "unet_evals", 10, ".0f"),
                  ("s/image", "seconds", 7, ".2f")])

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -269,6 +269,12 @@ def _attention_patch(layer, controller, previous: Optional[Callable]):
     return patch
 
 
+def _separate_skip(h, transformer_options):
+    """In a differentiated prediction, the encoder block's output goes on as a copy: ComfyUI adds ControlNet residuals
+    to the stored skip tensors in place, which autograd refuses where the next block saved the same tensor."""
+    return h.clone() if h.requires_grad else h
+
+
 def decoder_features(model) -> dict:
     """Decoder block index -> the last convolution of the block's residual block: its output is the block's residual
     features before the skip connection is added (diffusers' ``resnets[i].conv2``)."""
@@ -299,6 +305,8 @@ def install_editor(model, editor, steps: int, latent_shape):
         if previous is not None:
             log.info("[DirectInversion] the editor runs before an existing %s patch at %s.", name, block)
         model.set_model_patch_replace(_attention_patch(layer, controller, previous), name, block[0], block[1], block[2])
+    if controller.guides_target:
+        model.set_model_input_block_patch_after_skip(_separate_skip)
     if not controller.feature_blocks:
         return controller, lambda: None
     features = decoder_features(model)
@@ -506,7 +514,7 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
     editor that guides the target's latent by gradient (Pix2Pix-Zero) runs with the weights usable by autograd.
     """
     inversion.check_model(model_family(model))
-    offsets = resolve_offsets(offsets, editor)
+    chosen, offsets = offsets, resolve_offsets(offsets, editor)
     sigmas, _ = schedule(model, len(inversion.timesteps))
     if not torch.allclose(sigmas[:len(inversion.sigmas)], inversion.sigmas, rtol=1e-5, atol=0.0):
         raise ValueError("This model's noise schedule differs from the one the inversion was made with; "
@@ -517,7 +525,7 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
         inversion.check_latent(target_start, "target start latent")
         check_latent_values("target start latent", target_start)
         x_target = model.model.process_latent_in(target_start.float()) / _k_scale(inversion.sigmas[-1])
-    if inversion.method == "edict" and offsets != "off":
+    if inversion.method == "edict" and offsets != "off" and chosen != "auto":
         log.info("[DirectInversion] EDICT reconstructs exactly without offsets; offsets=%s does not apply.", offsets)
     guidance = edit_guidance(inversion, cfg)
     if guidance != cfg:
@@ -545,7 +553,7 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
         stats = _StepStats(on_device.z_star, _Progress(model, inversion.steps))
         gradients = controller is not None and controller.guides_target
         try:
-            with autograd_weights(denoiser.guider.inner_model) if gradients else nullcontext():
+            with _autograd_models(denoiser.guider) if gradients else nullcontext():
                 result = edit(denoiser, on_device, offsets=offsets,
                               x_target=None if x_target is None else x_target.to(device), callback=stats,
                               controller=controller)
@@ -568,6 +576,21 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
                                   mode="off" if inversion.method == "edict" else offsets)
     return DirectInversionOutput(edited=edited, source=source, offsets=trajectory,
                                  editor_state=held.get("controller"), step_stats=held.get("stats"))
+
+
+@contextmanager
+def _autograd_models(guider) -> Iterator[None]:
+    """``autograd_weights`` on every model the sampling loaded: the diffusion model and what the conditioning brought
+    (ControlNets, which also see the latent a gradient flows to)."""
+    modules = {id(guider.inner_model): guider.inner_model}
+    for patcher in getattr(guider, "loaded_models", None) or []:
+        module = getattr(patcher, "model", None)
+        if isinstance(module, torch.nn.Module):
+            modules.setdefault(id(module), module)
+    with ExitStack() as stack:
+        for module in modules.values():
+            stack.enter_context(autograd_weights(module))
+        yield
 
 
 def _on_device(inversion: Inversion, device) -> Inversion:

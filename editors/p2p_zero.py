@@ -32,8 +32,8 @@ differentiates through them. Self-attention layers are never touched.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -43,6 +43,11 @@ from ..inversion.types import BRANCH_SOURCE, BRANCH_TARGET, check_number
 __all__ = ["P2PZeroController", "P2PZeroEditor", "edit_direction"]
 
 REFERENCE_BATCH = 2  # the reference's loss averages over both CFG halves of its batch (see the module docstring)
+# The loss is scaled by this power of two for the backward pass and the gradient unscaled (exactly): in a float16
+# UNet the gradients reaching the queries (~1e-5) would otherwise fall below float16's normal range.
+LOSS_SCALE = 2.0 ** 12
+ENTRY_ERROR = ("P2P-Zero needs one conditioning entry per prompt, without areas, masks or timestep ranges (its "
+               "maps are compared layer by layer); combine or remove the extra conditioning.")
 
 
 def edit_direction(source: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -69,10 +74,13 @@ class P2PZeroEditor:
             direction alone.
         record: keep, per guided step, the cross-attention loss before and after the step (one extra conditional
             UNet evaluation per step; for inspection and tests).
+        source_conditioning: the reconstruction branch's conditioning in the backend's format (the node passes the
+            source prompt it built the direction from); ``None``: the inversion's. EDICT keeps the inversion's.
     """
 
     xa_guidance: float = 0.1
     record: bool = False
+    source_conditioning: Any = field(default=None, compare=False)
 
     kind = "p2p_zero"
     # The reference adds Direct Inversion's offsets to the edit branch too (its ``latent_list`` path): "both".
@@ -98,8 +106,8 @@ class P2PZeroController(EditController):
         if not self.cross_keys:
             raise ValueError("P2P-Zero guides cross-attention maps, but this UNet has no cross-attention layers.")
         self.active = editor.xa_guidance > 0 or editor.record
-        self.reference: dict = {}  # layer key -> the source's latest conditional probabilities [B, H, Q, K]
-        self.terms: Optional[list] = None  # per-layer losses [B] while a target gradient pass runs
+        self.reference: dict = {}  # layer key -> the source's conditional probabilities [B, H, Q, K] of this step
+        self.terms: Optional[dict] = None  # layer key -> its loss [B] while a target gradient pass runs
         self.records: list = []  # per guided step: {"step", "before", "after"} (losses per image) when recording
 
     def step_of(self, level: int) -> int:
@@ -113,22 +121,27 @@ class P2PZeroController(EditController):
     def attention(self, q, k, v, call: AttentionCall, attend: Attend) -> torch.Tensor:
         rows = chunk_rows(call.chunks, q.shape[0], "cond")
         if len(rows) > 1:
-            raise ValueError("P2P-Zero needs one conditioning entry per prompt (no area or combined conditioning).")
+            raise ValueError(ENTRY_ERROR)
         if not rows:
             return attend(q, k, v)
         s = rows[0]
+        key = call.layer.key
         if call.branch == BRANCH_SOURCE:
+            if key in self.reference:  # a second conditional call of this layer in one prediction: several entries
+                raise ValueError(ENTRY_ERROR)
             with torch.no_grad():
-                self.reference[call.layer.key] = attention_probs(q[s], k[s], call.heads)
+                self.reference[key] = attention_probs(q[s], k[s], call.heads)
             return attend(q, k, v)
         if self.terms is None:
             return attend(q, k, v)
-        reference = self.reference.get(call.layer.key)
+        reference = self.reference.get(key)
         if reference is None:
             raise RuntimeError("P2P-Zero: the source branch's cross-attention maps of this step are missing; the "
                                "source must be predicted (with its conditional half) before the target.")
         probs = attention_probs(q[s], k[s], call.heads)
-        self.terms.append((probs - reference).pow(2).sum((2, 3)).sum(1) / (REFERENCE_BATCH * call.heads))
+        if key in self.terms or probs.shape != reference.shape:
+            raise ValueError(ENTRY_ERROR)
+        self.terms[key] = (probs - reference).pow(2).sum((2, 3)).sum(1) / (REFERENCE_BATCH * call.heads)
         if s == slice(0, q.shape[0]):
             return attend_probs(probs, v)
         out = attend(q, k, v).clone()
@@ -137,12 +150,13 @@ class P2PZeroController(EditController):
 
     def _loss(self, model, x: torch.Tensor, sigma: torch.Tensor, level: int) -> torch.Tensor:
         """The cross-attention loss per image ``[B]`` of the target at ``x`` (differentiable if x requires grad)."""
-        self.terms = []
+        self.terms = {}
         try:
             model(x, sigma, BRANCH_TARGET, level, guided=False)
-            if not self.terms:
-                raise RuntimeError("P2P-Zero: the target's prediction reached no cross-attention layer.")
-            return torch.stack(self.terms).sum(0)
+            if set(self.terms) != set(self.reference):
+                raise RuntimeError(f"P2P-Zero: the target's gradient pass reached {len(self.terms)} cross-attention "
+                                   f"layers, the source's prediction {len(self.reference)}; they must be the same.")
+            return torch.stack(list(self.terms.values())).sum(0)
         finally:
             self.terms = None
 
@@ -150,6 +164,12 @@ class P2PZeroController(EditController):
         """The target latent after one cross-attention guidance step (``model``: the core's Denoiser)."""
         if not self.active:
             return x
+        try:
+            return self._guide(model, x, sigma, level, step)
+        finally:
+            self.reference.clear()  # maps of this prediction only: a later step must bring its own
+
+    def _guide(self, model, x: torch.Tensor, sigma: torch.Tensor, level: int, step: int) -> torch.Tensor:
         lr = self.editor.xa_guidance
         # Leave inference mode (ComfyUI's executor) and no_grad (the samplers): the latent gets a gradient. The
         # adapter has made the weights usable by autograd (autograd_weights); inputs are cloned into normal tensors.
@@ -157,13 +177,17 @@ class P2PZeroController(EditController):
             latent = x.detach().clone().requires_grad_(True)
             level_sigma = sigma.detach().clone()
             loss = self._loss(model, latent, level_sigma, level)
-            (grad,) = torch.autograd.grad(loss.sum(), latent)
+            (grad,) = torch.autograd.grad(loss.sum() * LOSS_SCALE, latent)
+            grad = grad.float() / LOSS_SCALE
+            if not torch.isfinite(grad).all():
+                raise ValueError(f"P2P-Zero's guidance gradient at step {step + 1} is NaN or infinite: the model "
+                                 f"overflowed in half precision (start ComfyUI with --force-fp32).")
             guided = (latent - lr * grad).detach()
         if self.editor.record:
             with torch.no_grad():
-                after = self._loss(model, guided, sigma, level)
+                after = self._loss(model, guided.to(x.dtype), sigma, level)
             self.records.append({"step": step, "before": loss.detach().cpu(), "after": after.detach().cpu(),
-                                 "grad_rms": grad.float().pow(2).mean().sqrt().item()})
+                                 "grad_rms": grad.pow(2).mean().sqrt().item()})
         return guided.to(x.dtype)
 
     def finish(self) -> None:

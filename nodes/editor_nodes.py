@@ -235,7 +235,9 @@ class P2PZeroEditorNode(io.ComfyNode):
                 "edited conditioning, then is predicted and stepped as usual. With the sampler's offsets on auto, "
                 "Direct Inversion's offsets go to both branches, as in the reference. For the reference's setting, "
                 "connect the source output to the sampler's negative too (the reference's negative prompt is the "
-                "caption). Defaults: the PnP Inversion benchmark's (xa_guidance 0.1, 50 steps, cfg 7.5)."
+                "caption), except with EDICT, whose source retraces its inversion only under the inversion's "
+                "negative. The reconstruction branch uses this node's source prompt. Needs one conditioning entry "
+                "per prompt (no areas or timestep ranges). Defaults: the PnP Inversion benchmark's (xa_guidance 0.1, 50 steps, cfg 7.5)."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The model's text encoder."),
@@ -267,7 +269,7 @@ class P2PZeroEditorNode(io.ComfyNode):
             sentences = parse_sentences(text) or [fallback]
             sides[side] = [_encode(clip, sentence) for sentence in sentences]
         target = directed_conditioning(source, sides["source"], sides["target"])
-        return io.NodeOutput(P2PZeroEditor(xa_guidance=xa_guidance), source, target)
+        return io.NodeOutput(P2PZeroEditor(xa_guidance=xa_guidance, source_conditioning=source), source, target)
 
 
 def maps_image(controller, tile: int = 128) -> torch.Tensor:

@@ -330,6 +330,20 @@ def test_every_method_with_the_p2p_zero_editor_in_the_executor(comfy_env, method
     assert output_of(executor, "5", 2).mode == ("off" if method == "edict" else "both")
 
 
+def test_p2p_zero_with_a_controlnet_on_the_target(comfy_env):
+    """A ControlNet sees the latent the guidance differentiates: its weights (loaded in inference mode) take part in
+    the backward pass too."""
+    graph = editor_graph("ddim", "DirectInversion_P2PZeroEditor", P2P_ZERO_INPUTS, steps=4)
+    graph["30"] = {"class_type": "DITest_TinyControlNet", "inputs": {}}
+    graph["31"] = {"class_type": "ControlNetApplyAdvanced",
+                   "inputs": {"positive": ["21", 2], "negative": ["21", 1], "control_net": ["30", 0],
+                              "image": ["1", 0], "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}}
+    graph["5"]["inputs"].update(offsets="auto", target=["31", 0], negative=["31", 1])
+    _, encoded, edited, source = run_edit(graph)
+    assert torch.isfinite(edited).all() and (source - encoded).abs().max().item() <= 1e-4
+    assert (edited - source).abs().max().item() > 1e-3
+
+
 def test_p2p_zero_editor_node_builds_the_direction(comfy_env):
     """target = source + mean(target sentences) - mean(source sentences), one sentence per line (commas kept)."""
     nodes, _ = comfy_env

@@ -240,3 +240,39 @@ def test_directed_conditioning_checks_lengths(pack):
         directed_conditioning(long, [short], [short])
     with pytest.raises(ValueError, match="different shapes"):
         directed_conditioning(short, [short], [long])
+
+
+def test_auto_offsets_are_source_for_every_other_editor(core, editors):
+    others = [None, editors.MasaCtrlEditor(), editors.PnPEditor()]
+    assert [core.resolve_offsets("auto", e) for e in others] == ["source"] * 3
+    assert core.resolve_offsets("auto", editors.P2PZeroEditor()) == "both"
+    assert core.resolve_offsets("off", editors.P2PZeroEditor()) == "off"
+    with pytest.raises(ValueError, match="offsets must be one of"):
+        core.resolve_offsets("sometimes", None)
+
+
+def test_reconstruction_uses_the_editors_source_prompt(diffusers_backend, editors, setup):
+    """The maps come from the editor's source conditioning (the prompt the direction was built from) when it has
+    one; by default from the inversion's."""
+    s = setup
+    target = directed(editors, s)
+    default = run(s, target, editors.P2PZeroEditor(xa_guidance=XA, record=True))
+    same = run(s, target, editors.P2PZeroEditor(xa_guidance=XA, record=True, source_conditioning=s["source"]))
+    other = run(s, target, editors.P2PZeroEditor(xa_guidance=XA, record=True, source_conditioning=s["null"]))
+    losses = lambda out: torch.stack([r["before"] for r in out.editor_state.records])  # noqa: E731
+    torch.testing.assert_close(losses(same), losses(default), rtol=0, atol=0)
+    assert not torch.allclose(losses(other), losses(default))
+    assert torch.equal(other.source, s["z0"])  # pinned whatever it predicts
+
+
+def test_comfyui_refuses_several_conditioning_entries(comfy_backend, editors, setup, tiny_unet):
+    s = setup
+    model = T.comfy_model_from_diffusers(tiny_unet)
+    cc = T.comfy_conditioning
+    two = cc(directed(editors, s)) + cc(s["target"])
+    with torch.inference_mode():
+        inv = comfy_backend.invert(model, model.model.process_latent_out(s["z0"]), cc(s["source"]), cc(s["null"]),
+                                   steps=STEPS).inversion
+        with pytest.raises(ValueError, match="one conditioning entry per prompt"):
+            comfy_backend.direct_inversion(model, inv, two, cc(s["null"]), cfg=7.5,
+                                           editor=editors.P2PZeroEditor(xa_guidance=XA))

@@ -101,17 +101,13 @@ class P2PZeroController(EditController):
 
     def __init__(self, editor: P2PZeroEditor, layers: Sequence[AttentionLayer], steps: int):
         self.editor = editor
-        self.steps = steps
         self.cross_keys = {layer.key for layer in layers if layer.cross}
         if not self.cross_keys:
             raise ValueError("P2P-Zero guides cross-attention maps, but this UNet has no cross-attention layers.")
         self.active = editor.xa_guidance > 0 or editor.record
         self.reference: dict = {}  # layer key -> the source's conditional probabilities [B, H, Q, K] of this step
         self.terms: Optional[dict] = None  # layer key -> its loss [B] while a target gradient pass runs
-        self.records: list = []  # per guided step: {"step", "before", "after"} (losses per image) when recording
-
-    def step_of(self, level: int) -> int:
-        return self.steps - level
+        self.records: list = []  # per guided step: {"step", "before", "after", "grad_rms"} when recording
 
     def wants(self, call: AttentionCall) -> bool:
         if not self.active or call.layer.key not in self.cross_keys:

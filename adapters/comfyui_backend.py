@@ -6,16 +6,20 @@ masks, hooks), applies the model's wrappers and patches (LoRA, model patches, CF
 ``finally``. The core only sees a Denoiser; the branch and trajectory level of a call travel in
 ``transformer_options`` (``BRANCH_OPTION``, ``LEVEL_OPTION``) so that patches can tell them apart.
 
+Model families: UNets with discrete eps/v-prediction sampling (SD1.x, SD2.x, SDXL) are the VP space; models whose
+``model_sampling`` is CONST flow matching (``ModelSamplingDiscreteFlow``: SD3/SD3.5, ``ModelSamplingFlux``: Flux) are
+the flow space (see ``inversion.spaces``). Both are driven through the same guider: the core's Denoiser returns
+(x - D(x)) / sigma of ComfyUI's denoiser D, which is eps on VP models and the velocity on flow models.
+
 Latent conventions: ComfyUI's LATENT holds raw VAE latents; ``process_latent_in`` maps them to the model's
-latent space, where the core works in VP scaling z. ComfyUI's samplers work in k-diffusion scaling
-x = z * sqrt(1 + sigma^2); Invert's z_T LATENT output is in that scaling so it chains into KSampler /
-SamplerCustom with noise disabled.
+latent space, where the core works in VP scaling z (flow: the latent itself). ComfyUI's samplers work in k-diffusion
+scaling x = z * sqrt(1 + sigma^2) (flow: x = z); Invert's z_T LATENT output is in that scaling so, on VP models, it
+chains into KSampler / SamplerCustom with noise disabled.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
@@ -36,21 +40,20 @@ from ..inversion import (
     Inversion,
     OffsetTrajectory,
     autograd_weights,
+    FLOW,
+    VP,
+    Space,
     check_latent_layout,
     check_latent_values,
-    ddim_sigmas,
     edit,
-    edit_guidance,
-    edit_source_conditioning,
-    inversion_guidance,
-    invert as core_invert,
-    method_options,
+    method_named,
     proximal_delta,
     resolve_offsets,
 )
 
 __all__ = ["BRANCH_OPTION", "LEVEL_OPTION", "DirectInversionOutput", "InvertOutput", "attention_layers",
-           "decoder_features", "direct_inversion", "install_editor", "invert", "model_family", "model_fingerprint"]
+           "decoder_features", "direct_inversion", "install_editor", "invert", "model_family", "model_fingerprint",
+           "model_space"]
 
 log = logging.getLogger("DirectInversion")
 
@@ -63,9 +66,12 @@ def _model_sampling(model):
 
 
 def model_family(model) -> str:
-    """Architecture and prediction type of a ModelPatcher, e.g. ``SD15/EPS``."""
+    """Architecture and prediction type of a ModelPatcher, e.g. ``SD15/EPS``, ``SD3/FLOW``, ``Flux/FLOW``."""
     ms = _model_sampling(model)
-    prediction = "V_PREDICTION" if isinstance(ms, comfy.model_sampling.V_PREDICTION) else "EPS"
+    if model_space(model) is FLOW:
+        prediction = "FLOW"
+    else:
+        prediction = "V_PREDICTION" if isinstance(ms, comfy.model_sampling.V_PREDICTION) else "EPS"
     return f"{type(model.model.model_config).__name__}/{prediction}"
 
 
@@ -86,23 +92,29 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:32]
 
 
-def _check_supported(model) -> None:
+def model_space(model) -> Space:
+    """The model's family (``inversion.spaces``): VP for discrete-timestep eps/v-prediction models, flow for CONST
+    flow-matching models (SD3/SD3.5, Flux); anything else (EDM, continuous or cosine schedules...) is refused."""
     ms = _model_sampling(model)
-    discrete_vp = (isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete)
-                   and not isinstance(ms, comfy.model_sampling.ModelSamplingDiscreteEDM)
-                   and isinstance(ms, comfy.model_sampling.EPS)
-                   and not isinstance(ms, comfy.model_sampling.EDM))
-    if not discrete_vp:
-        raise ValueError(
-            f"DDIM inversion needs a discrete-timestep eps- or v-prediction model (SD1.x, SD2.x, SDXL); "
-            f"this model ({type(model.model.model_config).__name__}) samples with {type(ms).__name__}."
-        )
+    sampling = comfy.model_sampling
+    discrete_vp = (isinstance(ms, sampling.ModelSamplingDiscrete)
+                   and not isinstance(ms, sampling.ModelSamplingDiscreteEDM)
+                   and isinstance(ms, sampling.EPS)
+                   and not isinstance(ms, (sampling.EDM, sampling.CONST)))
+    if discrete_vp:
+        return VP
+    if isinstance(ms, sampling.CONST) and isinstance(ms, (sampling.ModelSamplingDiscreteFlow, sampling.ModelSamplingFlux)):
+        return FLOW
+    raise ValueError(
+        f"Inversion needs a discrete-timestep eps- or v-prediction model (SD1.x, SD2.x, SDXL) or a flow-matching model "
+        f"(SD3/SD3.5, Flux); this model ({type(model.model.model_config).__name__}) samples with {type(ms).__name__}."
+    )
 
 
 def schedule(model, steps: int) -> tuple[torch.Tensor, list[int]]:
-    """The model's DDIM trajectory noise levels (ascending) and timesteps for ``steps`` steps."""
-    _check_supported(model)
-    return ddim_sigmas(_model_sampling(model).sigmas, steps)
+    """The model's trajectory noise levels (ascending) and timesteps for ``steps`` steps: DDIM's on VP models,
+    ComfyUI's ``simple`` schedule on flow models (with the model's own shift)."""
+    return model_space(model).trajectory(_model_sampling(model).sigmas, steps)
 
 
 def _check_conditioning(model, name: str, conditioning) -> None:
@@ -174,24 +186,22 @@ class BranchGuider(comfy.samplers.CFGGuider):
                                                 self.cond(branch), self.cfg, model_options=model_options, seed=seed)
 
 
-def _k_scale(sigma) -> float:
-    return math.sqrt(1.0 + float(sigma) ** 2)
-
-
-def _eps_via_denoised(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
-                      sigma: torch.Tensor) -> torch.Tensor:
-    """eps of a VP latent from a ComfyUI denoiser, which works in k-diffusion scaling x = z sqrt(1 + sigma^2)."""
-    x = z * (1.0 + sigma * sigma).sqrt()
+def _derivative_via_denoised(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
+                             sigma: torch.Tensor, space: Space) -> torch.Tensor:
+    """d = (x - D(x)) / sigma of the core's latent z from a ComfyUI denoiser D, which works in k-diffusion scaling
+    x = z * space.k_scale (VP: sqrt(1 + sigma^2), d = eps; flow: 1, d = the velocity)."""
+    x = z * space.k_scale_tensor(sigma)
     return (x - denoise(x, sigma.expand(z.shape[0]))) / sigma
 
 
 class ComfyDenoiser:
     """The core's Denoiser over a BranchGuider that is inside ``sample`` (models loaded, conds processed)."""
 
-    def __init__(self, guider: BranchGuider, model_options: dict, seed):
+    def __init__(self, guider: BranchGuider, model_options: dict, seed, space: Space = VP):
         self.guider = guider
         self.seed = seed
         self.model_options = model_options
+        self.space = space
 
     def options(self, branch: str, level: Optional[int]) -> dict:
         transformer_options = {**self.model_options.get("transformer_options", {}), BRANCH_OPTION: branch,
@@ -203,14 +213,15 @@ class ComfyDenoiser:
         options = self.options(branch, level)
         if not guided:
             return self.conditional(self.guider.cond(branch), z, sigma, options)
-        return _eps_via_denoised(lambda x, sigmas: self.guider(x, sigmas, model_options=options, seed=self.seed),
-                                 z, sigma)
+        return _derivative_via_denoised(
+            lambda x, sigmas: self.guider(x, sigmas, model_options=options, seed=self.seed), z, sigma, self.space)
 
     def conditional(self, conds: list, z: torch.Tensor, sigma: torch.Tensor, options: dict) -> torch.Tensor:
         """eps of processed ``conds`` alone (no unconditional evaluation, no guidance)."""
         model = self.guider.inner_model
-        return _eps_via_denoised(
-            lambda x, sigmas: comfy.samplers.calc_cond_batch(model, [conds], x, sigmas, options)[0], z, sigma)
+        return _derivative_via_denoised(
+            lambda x, sigmas: comfy.samplers.calc_cond_batch(model, [conds], x, sigmas, options)[0], z, sigma,
+            self.space)
 
 
 def attention_layers(model) -> dict:
@@ -365,12 +376,13 @@ class ComfyNullText:
 class _CoreSampler(comfy.samplers.Sampler):
     """A SAMPLER that hands the guider to a core function, so CFGGuider.sample does all of ComfyUI's set-up."""
 
-    def __init__(self, run: Callable[[ComfyDenoiser, torch.Tensor], torch.Tensor]):
+    def __init__(self, run: Callable[[ComfyDenoiser, torch.Tensor], torch.Tensor], space: Space):
         self.run = run
+        self.space = space
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        denoiser = ComfyDenoiser(model_wrap, extra_args["model_options"], extra_args.get("seed"))
+        denoiser = ComfyDenoiser(model_wrap, extra_args["model_options"], extra_args.get("seed"), self.space)
         return self.run(denoiser, latent_image)
 
 
@@ -420,7 +432,8 @@ def _run(model, branches: dict, negative, cfg: float, primary: str, sigmas: torc
     noise = torch.zeros(shape)
     latent = noise if latent_image is None else latent_image
     sampling_sigmas = sigmas.flip(0).to(torch.float32)
-    return guider.sample(noise, latent, _CoreSampler(run), sampling_sigmas, disable_pbar=True, seed=0)
+    return guider.sample(noise, latent, _CoreSampler(run, model_space(model)), sampling_sigmas, disable_pbar=True,
+                         seed=0)
 
 
 def _proximal_cfg(mode: str, quantile: float):
@@ -444,29 +457,32 @@ def invert(model, latent: torch.Tensor, positive, negative, steps: int = 50, cfg
            options: Optional[dict] = None) -> InvertOutput:
     """Invert a LATENT's samples with a ComfyUI model (reference defaults: 50 steps, guidance 1; ``options``
     overrides the method's defaults, see ``inversion.methods``)."""
-    settings = method_options(method, options)
+    inverter = method_named(method)
+    settings = inverter.options(options)
+    space = model_space(model)
+    inverter.check_space(space)
     check_latent_layout("latent to invert", latent, model.model.latent_format.latent_channels)
     check_latent_values("latent to invert", latent)
     sigmas, timesteps = schedule(model, steps)
-    guidance = inversion_guidance(method, settings, cfg)
+    guidance = inverter.inversion_guidance(settings, cfg)
     fingerprint = model_fingerprint(model)
-    inner = settings.inner_steps if method == "null_text" else 0
     held = {}
 
     def run(denoiser, latent_image):
-        null_text = ComfyNullText(denoiser) if method == "null_text" else None
+        null_text = ComfyNullText(denoiser) if inverter.needs_null_text else None
         with autograd_weights(denoiser.guider.inner_model) if null_text else nullcontext():
-            z_star, levels, extras = core_invert(method, settings, denoiser, latent_image, sigmas, null_text,
-                                                 callback=_Progress(model, steps, inner))
+            z_star, levels, extras = inverter.invert(settings, denoiser, latent_image, sigmas, space=space,
+                                                     null_text_model=null_text,
+                                                     callback=_Progress(model, steps, inverter.inner_steps(settings)))
         held.update(z_star=z_star, sigmas=levels, extras=extras)
-        return z_star[-1].float() * _k_scale(levels[-1])
+        return z_star[-1].float() * space.k_scale(levels[-1])
 
     z_T = _run(model, {BRANCH_SOURCE: positive}, negative, guidance, BRANCH_SOURCE, sigmas, latent.shape, run,
                latent_image=latent)
     device = comfy.model_management.intermediate_device()
     inversion = Inversion(method=method, z_star=held["z_star"].to(device), sigmas=held["sigmas"], timesteps=timesteps,
                           cfg=guidance, conditioning=positive, negative=negative, model_family=model_family(model),
-                          options=vars(settings), fingerprint=fingerprint,
+                          options=vars(settings), fingerprint=fingerprint, space=space.name,
                           extras={k: v.to(device) for k, v in held["extras"].items()})
     levels = held["sigmas"]
     distinct = torch.cat([levels[:1], levels[1:][levels[1:] != levels[:-1]]])
@@ -513,32 +529,26 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
     state is returned as ``editor_state``. ``offsets`` "auto" is the editor's default (see ``resolve_offsets``); an
     editor that guides the target's latent by gradient (Pix2Pix-Zero) runs with the weights usable by autograd.
     """
-    inversion.check_model(model_family(model))
+    space = model_space(model)
+    inversion.check_model(model_family(model), space.name)
     chosen, offsets = offsets, resolve_offsets(offsets, editor)
     sigmas, _ = schedule(model, len(inversion.timesteps))
     if not torch.allclose(sigmas[:len(inversion.sigmas)], inversion.sigmas, rtol=1e-5, atol=0.0):
         raise ValueError("This model's noise schedule differs from the one the inversion was made with; "
                          "invert again with this model.")
-    settings = method_options(inversion.method, inversion.options)
+    method = method_named(inversion.method)
     x_target = None
     if target_start is not None:
         inversion.check_latent(target_start, "target start latent")
         check_latent_values("target start latent", target_start)
-        x_target = model.model.process_latent_in(target_start.float()) / _k_scale(inversion.sigmas[-1])
-    if inversion.method == "edict" and offsets != "off" and chosen != "auto":
-        log.info("[DirectInversion] EDICT reconstructs exactly without offsets; offsets=%s does not apply.", offsets)
-    guidance = edit_guidance(inversion, cfg)
-    if guidance != cfg:
+        x_target = model.model.process_latent_in(target_start.float()) / space.k_scale(inversion.sigmas[-1])
+    if not method.uses_offsets and offsets != "off" and chosen != "auto":
+        log.info("[DirectInversion] %s reconstructs exactly without offsets; offsets=%s does not apply.",
+                 inversion.method, offsets)
+    plan = method.plan(inversion, cfg, negative, editor, lerp=_lerp_conditioning)
+    if plan.guidance != cfg:
         log.info("[DirectInversion] %s edits use the inversion's guidance %.2f; cfg %.2f does not apply.",
-                 inversion.method, guidance, cfg)
-    level_contexts, proximal = None, ("none", 0.75)
-    if inversion.method == "negative_prompt":
-        negative = _lerp_conditioning(inversion.conditioning, negative, settings.interpolation)
-        proximal = (settings.proximal, settings.quantile)
-    elif inversion.method == "null_text":
-        negative = inversion.negative
-        table = inversion.extras["null_embeddings"]
-        level_contexts = lambda level: table[inversion.steps - level]  # noqa: E731
+                 inversion.method, plan.guidance, cfg)
     batch = inversion.latent_shape[0]
     held = {}
 
@@ -564,16 +574,17 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
         held["offsets"] = None if result.offsets is None else result.offsets.to(comfy.model_management.intermediate_device())
         return torch.cat([result.edited, result.source]).float()
 
-    branches = {BRANCH_SOURCE: edit_source_conditioning(inversion, editor), BRANCH_TARGET: positive}
+    branches = {BRANCH_SOURCE: plan.source, BRANCH_TARGET: positive}
     try:
-        samples = _run(model, branches, negative, guidance, BRANCH_TARGET, inversion.sigmas, inversion.latent_shape,
-                       run, level_contexts=level_contexts, proximal=proximal, prepare=prepare)
+        samples = _run(model, branches, plan.negative, plan.guidance, BRANCH_TARGET, inversion.sigmas,
+                       inversion.latent_shape, run, level_contexts=plan.negative_at, proximal=plan.proximal,
+                       prepare=prepare)
     finally:
         if "remove" in held:
             held["remove"]()
     edited, source = samples.split(batch)
     trajectory = OffsetTrajectory(offsets=held["offsets"], sigmas=inversion.sigmas.flip(0),
-                                  mode="off" if inversion.method == "edict" else offsets)
+                                  mode=offsets if method.uses_offsets else "off")
     return DirectInversionOutput(edited=edited, source=source, offsets=trajectory,
                                  editor_state=held.get("controller"), step_stats=held.get("stats"))
 

@@ -1,11 +1,18 @@
-"""diffusers adapter: a ``UNet2DConditionModel`` and a ``DDIMScheduler`` behind the core's Denoiser interface.
+"""diffusers adapter: a ``UNet2DConditionModel`` and a ``DDIMScheduler``, or an ``SD3Transformer2DModel`` /
+``FluxTransformer2DModel`` and a ``FlowMatchEulerDiscreteScheduler``, behind the core's Denoiser interface (the
+models' differences live in ``diffusers_models``).
 
-Latents here are what diffusers pipelines pass to the UNet: ``vae.encode(image).latent_dist.mean *
-vae.config.scaling_factor``. Prompts are embeddings (``pipe.encode_prompt``'s output), ``[1 or B, tokens, dim]``.
+Latents here are what diffusers pipelines pass to the model before Flux's packing: ``vae.encode(image).latent_dist.mean
+* vae.config.scaling_factor`` (SD3/Flux: ``(mean - shift_factor) * scaling_factor``), ``[B, C, H, W]``. Prompts are
+embeddings (``pipe.encode_prompt``'s output): ``[1 or B, tokens, dim]`` for UNets, ``(prompt_embeds,
+pooled_prompt_embeds)`` for SD3 and Flux.
 
     inv = invert(unet, scheduler, latent, source_embeds, negative_embeds, method="null_text")
     out = edit(unet, scheduler, inv, target_embeds, negative_embeds, cfg=7.5)
     image = vae.decode(out.edited / vae.config.scaling_factor).sample
+
+    inv = invert(flux, flow_scheduler, latent, (embeds, pooled), method="euler", flux_guidance=3.5)
+    out = edit(flux, flow_scheduler, inv, (target_embeds, target_pooled), None, cfg=1.0, flux_guidance=3.5)
 """
 from __future__ import annotations
 
@@ -23,60 +30,25 @@ from ..inversion import (
     autograd_weights,
     check_latent_layout,
     check_latent_values,
-    ddim_sigmas,
-    edit_guidance,
-    edit_source_conditioning,
-    inversion_guidance,
-    method_options,
+    method_named,
     proximal_delta,
     resolve_offsets,
 )
 from ..editors.attention import AttentionCall, FeatureCall, layer_orders
 from ..inversion import edit as core_edit
-from ..inversion import invert as core_invert
+from .diffusers_models import Net, UNetNet, flow_prompt, network, vp_train_sigmas
 
-__all__ = ["DiffusersDenoiser", "DiffusersNullText", "attention_layers", "decoder_features", "edit", "editor_installed", "invert",
-           "model_family", "train_sigmas"]
-
-_PREDICTION_TYPES = ("epsilon", "v_prediction")
-
+__all__ = ["DiffusersDenoiser", "DiffusersNullText", "attention_layers", "decoder_features", "edit", "editor_installed",
+           "flow_prompt", "invert", "model_family", "train_sigmas"]
 
 def train_sigmas(scheduler) -> torch.Tensor:
-    """sigma of every training timestep of the scheduler, float64."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
-    return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+    """sigma of every training timestep of a DDPM-style scheduler, float64."""
+    return vp_train_sigmas(scheduler)
 
 
 def model_family(unet, scheduler) -> str:
-    cfg = unet.config
-    return (f"diffusers:in{cfg.in_channels}-ctx{cfg.cross_attention_dim}-ch{tuple(cfg.block_out_channels)}"
-            f"-{scheduler.config.prediction_type}")
-
-
-class _UNet:
-    """eps of a diffusers UNet at a noise level (v-prediction converted)."""
-
-    def __init__(self, unet, scheduler):
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected one of {_PREDICTION_TYPES}.")
-        self.unet = unet
-        self.v_prediction = prediction_type == "v_prediction"
-        self.log_sigmas = train_sigmas(scheduler).log()
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The training timestep nearest ``sigma``, as a 0-dim tensor on sigma's device (no host round trip)."""
-        if self.log_sigmas.device != sigma.device:
-            self.log_sigmas = self.log_sigmas.to(sigma.device)
-        return (self.log_sigmas - sigma.double().log()).abs().argmin()
-
-    def eps(self, z: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        out = self.unet(z.to(self.unet.dtype), self.timestep(sigma),
-                        encoder_hidden_states=embeds.to(self.unet.dtype)).sample.to(z.dtype)
-        if self.v_prediction:  # eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) z, alpha_bar = 1 / (1 + sigma^2)
-            a_t = 1.0 / (1.0 + sigma.double() ** 2)
-            out = a_t.sqrt().to(z.dtype) * out + (1.0 - a_t).sqrt().to(z.dtype) * z
-        return out
+    """Architecture and prediction type of a diffusers model (UNet, SD3 or Flux transformer) with its scheduler."""
+    return network(unet, scheduler).family()
 
 
 class _CallState:
@@ -209,21 +181,24 @@ def editor_installed(unet, editor, steps: int, latent_shape):
         controller.finish()
 
 
-class DiffusersDenoiser(_UNet):
-    """Guided eps prediction of a diffusers UNet for named conditioning branches.
+class DiffusersDenoiser:
+    """Guided prediction of a diffusers model (see ``diffusers_models``) for named conditioning branches.
 
     Args:
-        unet, scheduler: a ``UNet2DConditionModel`` and the scheduler it was trained with.
-        branches: prompt embeddings per branch name (``"source"``, ``"target"``).
-        negative: embeddings of the unconditional input; required when ``cfg != 1`` unless ``negative_at`` is given.
+        unet, scheduler: a ``UNet2DConditionModel`` and the scheduler it was trained with, or an SD3 / Flux
+            transformer and its ``FlowMatchEulerDiscreteScheduler``.
+        branches: prompt conditioning per branch name (``"source"``, ``"target"``), in the model's form.
+        negative: the unconditional input; required when ``cfg != 1`` unless ``negative_at`` is given.
         cfg: classifier-free guidance scale; at 1 the unconditional input is not evaluated (as in ComfyUI).
-        negative_at: per-level unconditional embeddings (null-text), overriding ``negative``.
+        negative_at: per-level unconditional context (null-text), replacing ``negative``'s.
         proximal: ``(mode, quantile)`` of proximal guidance (see ``inversion.guidance``).
+        net: the model's :class:`diffusers_models.Net` (made from ``unet`` and ``scheduler`` if not given).
     """
 
-    def __init__(self, unet, scheduler, branches: dict, negative: Optional[torch.Tensor], cfg: float,
-                 negative_at: Optional[Callable[[int], torch.Tensor]] = None, proximal=("none", 0.75)):
-        super().__init__(unet, scheduler)
+    def __init__(self, unet, scheduler, branches: dict, negative, cfg: float,
+                 negative_at: Optional[Callable[[int], torch.Tensor]] = None, proximal=("none", 0.75),
+                 net: Optional[Net] = None):
+        self.net = net or network(unet, scheduler)
         if cfg != 1.0 and negative is None and negative_at is None:
             raise ValueError("Guidance (cfg != 1) needs negative prompt embeddings.")
         self.branches = branches
@@ -240,101 +215,94 @@ class DiffusersDenoiser(_UNet):
 
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int,
                  guided: bool = True) -> torch.Tensor:
-        cond = _to_batch(self.branches[branch], z.shape[0], z.device)
+        cond = self.branches[branch]
         if self.cfg == 1.0 or not guided:
             self._calling(branch, level, ("cond",))
-            return self.eps(z, sigma, cond)
-        negative = self.negative if self.negative_at is None else self.negative_at(level)
-        uncond = _to_batch(negative, z.shape[0], z.device)
+            return self.net.predict(z, sigma, [cond])
+        negative = self.negative
+        if self.negative_at is not None:
+            negative = self.net.with_context(negative, self.negative_at(level))
         self._calling(branch, level, ("uncond", "cond"))
-        eps_uncond, eps_cond = self.eps(torch.cat([z, z]), sigma, torch.cat([uncond, cond])).chunk(2)
+        eps_uncond, eps_cond = self.net.predict(z, sigma, [negative, cond]).chunk(2)
         return eps_uncond + self.cfg * proximal_delta(eps_cond - eps_uncond, *self.proximal)
 
 
-class DiffusersNullText(_UNet):
-    """The core's NullTextModel over a diffusers UNet."""
+class DiffusersNullText:
+    """The core's NullTextModel over a diffusers model: the source's prediction and one with a given null context."""
 
-    def __init__(self, unet, scheduler, source: torch.Tensor, null: torch.Tensor):
-        super().__init__(unet, scheduler)
-        self.source = source
-        self.null_embedding = null
+    def __init__(self, unet, scheduler, source, null, net: Optional[Net] = None):
+        self.net = net or network(unet, scheduler)
+        self.source, self.null = source, null
+        self.null_embedding = self.net.context(null)
 
     def eps_source(self, z, sigma):
-        return self.eps(z, sigma, _to_batch(self.source, z.shape[0], z.device))
+        return self.net.predict(z, sigma, [self.source])
 
     def eps_null(self, z, sigma, embedding):
-        return self.eps(z, sigma, _to_batch(embedding, z.shape[0], z.device))
+        return self.net.predict(z, sigma, [self.net.with_context(self.null, embedding)])
 
 
-def _to_batch(embeds: torch.Tensor, batch: int, device) -> torch.Tensor:
-    if embeds.shape[0] not in (1, batch):
-        raise ValueError(f"Prompt embeddings have batch {embeds.shape[0]}, the latents {batch}.")
-    return embeds.to(device).expand(batch, *embeds.shape[1:])
+def invert(unet, scheduler, latent: torch.Tensor, prompt_embeds, negative_embeds=None, steps: int = 50,
+           cfg: float = 1.0, method: str = "ddim", options: Optional[dict] = None,
+           callback: Optional[StepCallback] = None, flux_guidance: Optional[float] = None) -> Inversion:
+    """Invert a latent along the model's schedule with ``method`` (reference defaults: 50 steps, guidance 1;
+    ``options`` overrides the method's defaults, see ``inversion.methods``).
 
-
-def invert(unet, scheduler, latent: torch.Tensor, prompt_embeds: torch.Tensor,
-           negative_embeds: Optional[torch.Tensor] = None, steps: int = 50, cfg: float = 1.0, method: str = "ddim",
-           options: Optional[dict] = None, callback: Optional[StepCallback] = None) -> Inversion:
-    """Invert a latent along the scheduler's DDIM schedule with ``method`` (reference defaults: 50 steps,
-    guidance 1; ``options`` overrides the method's defaults, see ``inversion.methods``).
-
-    Null-text starts from ``negative_embeds`` (the empty prompt's embeddings) and EDICT guides with it.
+    UNets: DDIM's schedule; SD3/Flux: the scheduler's shifted flow levels, evenly spaced from the top as ComfyUI's
+    ``simple`` scheduler takes them (Flux: shifted for the latent's size, as ``FluxPipeline``). ``flux_guidance`` is
+    Flux dev's embedded guidance (3.5 if not given; recorded in the conditioning). Null-text starts from
+    ``negative_embeds`` (the empty prompt's embeddings) and EDICT guides with it.
     """
-    settings = method_options(method, options)
-    check_latent_layout("latent to invert", latent, unet.config.in_channels)
+    net = network(unet, scheduler)
+    inverter = method_named(method)
+    settings = inverter.options(options)
+    inverter.check_space(net.space)
+    check_latent_layout("latent to invert", latent, net.channels)
     check_latent_values("latent to invert", latent)
-    sigmas, timesteps = ddim_sigmas(train_sigmas(scheduler), steps)
-    guidance = inversion_guidance(method, settings, cfg)
-    denoiser = DiffusersDenoiser(unet, scheduler, {BRANCH_SOURCE: prompt_embeds}, negative_embeds, guidance)
+    sigmas, timesteps = net.space.trajectory(net.train_sigmas(latent), steps)
+    guidance = inverter.inversion_guidance(settings, cfg)
+    source = net.prompt(prompt_embeds, flux_guidance)
+    negative = None if negative_embeds is None else net.prompt(negative_embeds, flux_guidance)
+    denoiser = DiffusersDenoiser(unet, scheduler, {BRANCH_SOURCE: source}, negative, guidance, net=net)
     null_text = None
-    if method == "null_text":
-        if negative_embeds is None:
+    if inverter.needs_null_text:
+        if negative is None:
             raise ValueError("Null-text inversion starts from the empty prompt's embeddings: pass negative_embeds.")
-        null_text = DiffusersNullText(unet, scheduler, prompt_embeds, negative_embeds)
-    with autograd_weights(unet) if method == "null_text" else nullcontext():
-        z_star, sigmas, extras = core_invert(method, settings, denoiser, latent.float(), sigmas, null_text, callback)
+        null_text = DiffusersNullText(unet, scheduler, source, negative, net=net)
+    with autograd_weights(unet) if null_text is not None else nullcontext():
+        z_star, sigmas, extras = inverter.invert(settings, denoiser, latent.float(), sigmas, space=net.space,
+                                                 null_text_model=null_text, callback=callback)
     return Inversion(method=method, z_star=z_star, sigmas=sigmas, timesteps=timesteps, cfg=guidance,
-                     conditioning=prompt_embeds, negative=negative_embeds, model_family=model_family(unet, scheduler),
-                     options=vars(settings), extras=extras)
+                     conditioning=source, negative=negative, model_family=net.family(), options=vars(settings),
+                     extras=extras, space=net.space.name)
 
 
-def edit(unet, scheduler, inversion: Inversion, target_embeds: torch.Tensor, negative_embeds: Optional[torch.Tensor],
-         cfg: float = 7.5, offsets: str = "auto", x_target: Optional[torch.Tensor] = None,
-         callback: Optional[StepCallback] = None, editor=None) -> DirectInversionResult:
+def edit(unet, scheduler, inversion: Inversion, target_embeds, negative_embeds, cfg: float = 7.5,
+         offsets: str = "auto", x_target: Optional[torch.Tensor] = None, callback: Optional[StepCallback] = None,
+         editor=None, flux_guidance: Optional[float] = None) -> DirectInversionResult:
     """Edit an inversion: the source branch follows it, the target branch is the edit (see ``inversion.methods``).
 
-    ``editor`` (e.g. ``editors.P2PEditor``) acts through attention processors installed for this call only; its
-    per-run state comes back as the result's ``editor_state``. ``offsets`` "auto" is the editor's default (see
-    ``inversion.types.resolve_offsets``: Pix2Pix-Zero "both", otherwise "source").
+    ``editor`` (e.g. ``editors.P2PEditor``, UNets only) acts through attention processors installed for this call
+    only; its per-run state comes back as the result's ``editor_state``. ``offsets`` "auto" is the editor's default
+    (see ``inversion.types.resolve_offsets``: Pix2Pix-Zero "both", otherwise "source"). ``flux_guidance``: the target's
+    and negative's embedded guidance on Flux dev (3.5 if not given); the source keeps the inversion's.
     """
-    inversion.check_model(model_family(unet, scheduler))
+    net = network(unet, scheduler)
+    inversion.check_model(net.family(), net.space.name)
     offsets = resolve_offsets(offsets, editor)
     if x_target is not None:
         inversion.check_latent(x_target, "target start latent")
-    settings = method_options(inversion.method, inversion.options)
-    branches = {BRANCH_SOURCE: edit_source_conditioning(inversion, editor), BRANCH_TARGET: target_embeds}
-    negative_at, proximal = None, ("none", 0.75)
-    if inversion.method == "negative_prompt":
-        negative_embeds = _interpolate(inversion.conditioning, negative_embeds, settings.interpolation)
-        proximal = (settings.proximal, settings.quantile)
-    elif inversion.method == "null_text":
-        table = inversion.extras["null_embeddings"]
-        negative_at = lambda level: table[inversion.steps - level]  # noqa: E731
-    denoiser = DiffusersDenoiser(unet, scheduler, branches, negative_embeds, edit_guidance(inversion, cfg),
-                                 negative_at=negative_at, proximal=proximal)
+    negative = None if negative_embeds is None else net.prompt(negative_embeds, flux_guidance)
+    plan = method_named(inversion.method).plan(inversion, cfg, negative, editor, lerp=net.lerp)
+    branches = {BRANCH_SOURCE: plan.source, BRANCH_TARGET: net.prompt(target_embeds, flux_guidance)}
+    denoiser = DiffusersDenoiser(unet, scheduler, branches, plan.negative, plan.guidance,
+                                 negative_at=plan.negative_at, proximal=plan.proximal, net=net)
     if editor is None:
         return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback)
+    if not isinstance(net, UNetNet):
+        raise ValueError("Editors work on UNet models (SD1.x/SD2.x/SDXL); on SD3 and Flux edit without an editor.")
     with editor_installed(unet, editor, inversion.steps, inversion.latent_shape) as state, \
             autograd_weights(unet) if state.controller.guides_target else nullcontext():
         denoiser.call_state = state
         return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback,
                          controller=state.controller)
-
-
-def _interpolate(source: torch.Tensor, null: Optional[torch.Tensor], weight: float) -> torch.Tensor:
-    """Negative-prompt inversion's unconditional input: (1 - w) source + w null."""
-    if weight == 0.0:
-        return source
-    if null is None or null.shape != source.shape:
-        raise ValueError("Interpolating toward the null prompt needs negative embeddings of the source's shape.")
-    return torch.lerp(source, null.to(source), weight)

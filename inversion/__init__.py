@@ -6,16 +6,22 @@ from .guidance import PROXIMAL_MODES, proximal_delta
 from .methods import (
     METHODS,
     DdimOptions,
+    EditPlan,
+    InversionMethod,
     NegativePromptOptions,
     edit,
     edit_guidance,
     edit_source_conditioning,
     invert,
     inversion_guidance,
+    method_named,
     method_options,
+    methods_for,
 )
 from .null_text import NullTextOptions, NullTextResult, autograd_weights, optimize_null_text
 from .schedule import alpha_bar, ddim_sigmas, ddim_step, ddim_timesteps, eps_to_x0
+from .solvers import SOLVERS, Euler, Midpoint
+from .spaces import FLOW, SPACES, VP, Space, flow_sigmas, space_named
 from .types import (
     BRANCH_SOURCE,
     BRANCH_TARGET,
@@ -37,6 +43,8 @@ from .types import (
 )
 
 __all__ = [
+    "FLOW", "SOLVERS", "SPACES", "VP", "EditPlan", "Euler", "InversionMethod", "Midpoint", "Space", "flow_sigmas",
+    "method_named", "methods_for", "space_named",
     "BRANCH_SOURCE", "BRANCH_TARGET", "METHODS", "OFFSET_CHOICES", "OFFSET_MODES", "PROXIMAL_MODES",
     "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "EditController", "Inversion", "NegativePromptOptions",
     "NullTextModel", "NullTextOptions", "NullTextResult", "OffsetTrajectory", "StepCallback",

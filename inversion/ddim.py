@@ -1,11 +1,13 @@
-"""DDIM inversion (Song et al. 2021; as in Mokady et al., "Null-text Inversion", google/prompt-to-prompt)."""
+"""DDIM inversion (Song et al. 2021; as in Mokady et al., "Null-text Inversion", google/prompt-to-prompt), and its
+counterparts on any :class:`spaces.Space` and :mod:`solvers` step: Euler inversion of flow models, RF-Solver."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .schedule import ddim_step
+from .solvers import Euler
+from .spaces import VP, Space
 from .types import BRANCH_SOURCE, INVERSION_CAUSE, Denoiser, StepCallback, check_latent_values, check_step
 
 __all__ = ["invert_ddim"]
@@ -18,8 +20,11 @@ def invert_ddim(
     sigmas: torch.Tensor,
     callback: Optional[StepCallback] = None,
     branch: str = BRANCH_SOURCE,
+    space: Space = VP,
+    solver=None,
 ) -> torch.Tensor:
-    """Run deterministic DDIM backwards, from the clean latent to z*_T.
+    """Run deterministic DDIM backwards, from the clean latent to z*_T (on ``space``, with ``solver``'s steps:
+    :class:`solvers.Euler` by default, i.e. DDIM inversion on VP models and Euler inversion on flow models).
 
     As in the reference ``ddim_loop``, the noise prediction of step i is taken from the current latent
     z*_i at the *next* (noisier) noise level sigma_{i+1}:
@@ -33,6 +38,8 @@ def invert_ddim(
         sigmas: ``[steps + 1]`` ascending noise levels, ``sigmas[0]`` the clean end (``schedule.ddim_sigmas``).
         callback: called after every step with ``{"phase": "invert", "i", "steps", "sigma", "z"}``.
         branch: the conditioning branch the model should use.
+        space: the model family's parametrisation (``spaces.VP`` or ``spaces.FLOW``).
+        solver: the step (``solvers.Euler()`` or ``solvers.Midpoint()``).
 
     Returns:
         ``[steps + 1, B, C, H, W]``: z*_0 (= z0) .. z*_T.
@@ -45,11 +52,11 @@ def invert_ddim(
     steps = len(levels) - 1
     z_star = z0.new_empty((steps + 1,) + tuple(z0.shape))
     z_star[0] = z0
+    solver = solver or Euler()
     z = z0
     for i in range(steps):
         if levels[i + 1] != levels[i]:  # a zero-length step is the identity: no evaluation needed
-            eps = model(z, sigmas_dev[i + 1], branch, i + 1)
-            z = ddim_step(z, eps, levels[i], levels[i + 1])
+            z = solver.invert_step(model, space, z, levels[i], levels[i + 1], sigmas_dev[i + 1], branch, i + 1)
             check_step("inversion", i, steps, {branch: z}, INVERSION_CAUSE)
         z_star[i + 1] = z
         if callback is not None:

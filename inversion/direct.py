@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from .schedule import ddim_step, eps_to_x0
+from .solvers import Euler
+from .spaces import VP, Space
 from .types import (
     BRANCH_SOURCE,
     BRANCH_TARGET,
@@ -32,8 +33,11 @@ def sample_direct_inversion(
     offsets: str = "source",
     callback: Optional[StepCallback] = None,
     controller: Optional[EditController] = None,
+    space: Space = VP,
+    solver=None,
 ) -> DirectInversionResult:
-    """Two-branch DDIM sampling along an inversion trajectory, with Direct Inversion's offsets.
+    """Two-branch DDIM sampling along an inversion trajectory, with Direct Inversion's offsets (on ``space``, with
+    ``solver``'s steps: DDIM on VP models, Euler or RF-Solver's midpoint on flow models; "DDIM" below is that step).
 
     Both branches start from z*_T (the target may start elsewhere). At the step from sigma_t to sigma_{t-1}:
 
@@ -58,6 +62,7 @@ def sample_direct_inversion(
             predicts, so only its conditional half is evaluated (the offsets are then not computed: ``None``); a
             controller with ``source_unguided`` (Plug-and-Play, Pix2Pix-Zero) gets the source's conditional half alone in
             every mode; one that ``guides_target`` (Pix2Pix-Zero) moves the target's latent before its prediction.
+        space, solver: the model family's parametrisation and the step (see :mod:`spaces`, :mod:`solvers`).
         callback: called after every step with ``{"phase": "sample", "i", "steps", "sigma", "x_source", "x_target",
             "denoised", "offset"}`` (``denoised``: the target's x0 prediction, for previews).
 
@@ -72,6 +77,7 @@ def sample_direct_inversion(
     check_latent_values("inversion trajectory", z_star)
     steps = len(levels) - 1
     sigmas_dev = sigmas.to(device=z_star.device, dtype=z_star.dtype)
+    solver = solver or Euler()
 
     x_src = z_star[steps]
     x_tgt = z_star[steps] if x_target is None else x_target.to(z_star)
@@ -83,13 +89,12 @@ def sample_direct_inversion(
     for n, t in enumerate(range(steps, 0, -1)):
         sigma, sigma_prev = levels[t], levels[t - 1]
         if sigma_prev != sigma:  # a zero-length step is the identity: no evaluation needed
-            eps_src = model(x_src, sigmas_dev[t], BRANCH_SOURCE, t, guided=source_guided)
+            src_next, _ = solver.sample_step(model, space, x_src, sigma, sigma_prev, sigmas_dev[t], BRANCH_SOURCE, t,
+                                             guided=source_guided)
             if guides_target:
                 x_tgt = controller.guide_target(model, x_tgt, sigmas_dev[t], t, n)
-            eps_tgt = model(x_tgt, sigmas_dev[t], BRANCH_TARGET, t)
-            src_next = ddim_step(x_src, eps_src, sigma, sigma_prev)
-            tgt_next = ddim_step(x_tgt, eps_tgt, sigma, sigma_prev)
-            denoised = eps_to_x0(x_tgt, eps_tgt, sigma) if callback is not None else None  # previews only
+            tgt_next, d_tgt = solver.sample_step(model, space, x_tgt, sigma, sigma_prev, sigmas_dev[t], BRANCH_TARGET, t)
+            denoised = space.denoised(x_tgt, d_tgt, sigma) if callback is not None else None  # previews only
         else:
             src_next, tgt_next, denoised = x_src, x_tgt, x_tgt
         if pinned_only:

@@ -20,21 +20,25 @@ from typing import Optional
 
 import torch
 
+from .plan import InversionMethod
 from .schedule import alpha_bar
+from .spaces import VP
 from .types import (
     BRANCH_SOURCE,
     BRANCH_TARGET,
     INVERSION_CAUSE,
     SAMPLING_CAUSE,
     Denoiser,
+    DirectInversionResult,
     EditController,
+    Inversion,
     StepCallback,
     check_latent_values,
     check_number,
     check_step,
 )
 
-__all__ = ["EdictOptions", "edict_levels", "invert_edict", "sample_edict"]
+__all__ = ["EdictMethod", "EdictOptions", "edict_levels", "invert_edict", "sample_edict"]
 
 
 @dataclass
@@ -167,3 +171,43 @@ def sample_edict(model: Denoiser, x_top: torch.Tensor, y_top: torch.Tensor, sigm
                       "x_target": pairs[BRANCH_TARGET][0]})
     src, tgt = pairs[BRANCH_SOURCE], pairs[BRANCH_TARGET]
     return EdictResult(edited=tgt[0], source=src[0], target_pair=tuple(tgt), source_pair=tuple(src))
+
+
+class EdictMethod(InversionMethod):
+    """EDICT: exact coupled inversion over part of the schedule (``strength``); edits retrace it with its own guidance
+    and the inversion's prompt as the source (no offsets: it is exact already). VP models only."""
+
+    name = "edict"
+    Options = EdictOptions
+    spaces = ("vp",)
+    uses_offsets = False
+    summary = "exact coupled inversion (Wallace et al.), UNet models"
+
+    def levels(self, steps: int, options) -> int:
+        return edict_levels(steps, options.strength)
+
+    def inversion_guidance(self, options, cfg: float) -> float:
+        check_number("The inversion's cfg", cfg, 0.0, 100.0)
+        return options.guidance
+
+    def invert(self, options, model, z0, sigmas, space=VP, null_text_model=None, callback=None):
+        self.check_space(space)
+        top = self.levels(len(sigmas) - 1, options)
+        x_star, y_star = invert_edict(model, z0, sigmas[:top + 1], options, callback)
+        return x_star, sigmas[:top + 1].clone(), {"y_star": y_star}
+
+    def edit_guidance(self, inversion: Inversion, cfg: float) -> float:
+        """EDICT keeps the guidance it was inverted with (the reference uses 3 for both)."""
+        check_number("The sampler's cfg", cfg, 0.0, 100.0)
+        return self.options(inversion.options).guidance
+
+    def source_conditioning(self, inversion: Inversion, editor=None):
+        """The source pair retraces the inversion only with the prompt it was inverted with."""
+        return inversion.conditioning
+
+    def sample(self, model, inversion, offsets="source", x_target=None, callback=None, controller=None):
+        if x_target is not None:
+            raise ValueError("EDICT edits start from the inverted pair; a target start latent cannot be used.")
+        result = sample_edict(model, inversion.z_star[-1], inversion.extras["y_star"][-1], inversion.sigmas,
+                              self.options(inversion.options), callback, controller=controller)
+        return DirectInversionResult(edited=result.edited, source=result.source, offsets=None, editor_state=controller)

@@ -8,10 +8,12 @@ from typing import Iterator, Optional
 
 import torch
 
-from .schedule import ddim_step
-from .types import BRANCH_SOURCE, NullTextModel, StepCallback, check_number, check_step
+from .ddim import invert_ddim
+from .plan import EditPlan, InversionMethod
+from .spaces import VP, Space
+from .types import BRANCH_SOURCE, Inversion, NullTextModel, StepCallback, check_number, check_step
 
-__all__ = ["NullTextOptions", "NullTextResult", "autograd_weights", "optimize_null_text"]
+__all__ = ["NullTextMethod", "NullTextOptions", "NullTextResult", "autograd_weights", "optimize_null_text"]
 
 
 @dataclass
@@ -53,7 +55,7 @@ class NullTextResult:
 
 def optimize_null_text(model: NullTextModel, z_star: torch.Tensor, sigmas: torch.Tensor,
                        options: Optional[NullTextOptions] = None,
-                       callback: Optional[StepCallback] = None) -> NullTextResult:
+                       callback: Optional[StepCallback] = None, space: Space = VP) -> NullTextResult:
     """Optimise one unconditional embedding per step so that guided DDIM sampling retraces z*.
 
     For sampling step n (from level t to t-1), starting from the previous step's embedding (the null prompt's
@@ -71,6 +73,8 @@ def optimize_null_text(model: NullTextModel, z_star: torch.Tensor, sigmas: torch
         model: the source prompt's eps and a differentiable unconditional eps.
         z_star: ``[steps + 1, B, C, H, W]`` the DDIM inversion trajectory (guidance 1, as the reference).
         sigmas: ``[steps + 1]`` ascending noise levels of ``z_star``.
+        space: the model family's parametrisation; "DDIM" above is its step (Euler on flow models), so on SD3 the
+            same optimisation fits the unconditional context (not the pooled vector) of each step.
         callback: called after every inner iteration with ``{"phase": "null_text_inner", "i", "steps", "inner",
             "inner_steps", "loss"}`` and after every step with ``{"phase": "null_text", "i", "steps", "z"}``.
     """
@@ -95,7 +99,7 @@ def optimize_null_text(model: NullTextModel, z_star: torch.Tensor, sigmas: torch
                 for j in range(options.inner_steps):
                     eps_u = model.eps_null(latent, sigmas_dev[t], embedding)
                     eps = eps_u + options.guidance * (eps_c - eps_u)
-                    loss = torch.nn.functional.mse_loss(ddim_step(latent, eps, sigma, sigma_prev), z_star[t - 1])
+                    loss = torch.nn.functional.mse_loss(space.step(latent, eps, sigma, sigma_prev), z_star[t - 1])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -108,7 +112,7 @@ def optimize_null_text(model: NullTextModel, z_star: torch.Tensor, sigmas: torch
                 embedding = embedding.detach()
                 with torch.no_grad():
                     eps_u = model.eps_null(latent, sigmas_dev[t], embedding)
-                    latent = ddim_step(latent, eps_u + options.guidance * (eps_c - eps_u), sigma, sigma_prev)
+                    latent = space.step(latent, eps_u + options.guidance * (eps_c - eps_u), sigma, sigma_prev)
                 check_step("null-text", n, steps, {BRANCH_SOURCE: latent},
                            "a null-text learning rate or guidance too large for this model, or the model overflowing "
                            "in half precision (start ComfyUI with --force-fp32)")
@@ -119,6 +123,37 @@ def optimize_null_text(model: NullTextModel, z_star: torch.Tensor, sigmas: torch
                 callback({"phase": "null_text", "i": n, "steps": steps, "z": latent,
                           "inner_steps": options.inner_steps})
     return NullTextResult(embeddings=torch.stack(rows), losses=losses, thresholds=thresholds)
+
+
+class NullTextMethod(InversionMethod):
+    """Null-text inversion: the DDIM (flow: Euler) trajectory at the inversion's guidance, then one optimised
+    unconditional context per step; edits use that context as both branches' unconditional input at every level."""
+
+    name = "null_text"
+    Options = NullTextOptions
+    spaces = ("vp", "flow")
+    needs_null_text = True
+    summary = "DDIM/Euler inversion + per-step optimised null embedding (Mokady et al.)"
+
+    def inner_steps(self, options) -> int:
+        return options.inner_steps
+
+    def invert(self, options, model, z0, sigmas, space=VP, null_text_model=None, callback=None):
+        self.check_space(space)
+        if null_text_model is None:
+            raise ValueError("null-text inversion needs a NullTextModel")
+        z_star = invert_ddim(model, z0, sigmas, callback=callback, space=space, solver=self.solver)
+        result = optimize_null_text(null_text_model, z_star, sigmas, options, callback, space=space)
+        losses = torch.full((len(result.losses), options.inner_steps), float("nan"), dtype=torch.float64)
+        for n, history in enumerate(result.losses):
+            losses[n, :len(history)] = torch.tensor(history, dtype=torch.float64)
+        return z_star, sigmas, {"null_embeddings": result.embeddings.detach(), "null_text_losses": losses,
+                                "null_text_thresholds": torch.tensor(result.thresholds, dtype=torch.float64)}
+
+    def plan(self, inversion: Inversion, cfg: float, negative, editor=None, lerp=None) -> EditPlan:
+        table = inversion.extras["null_embeddings"]
+        return EditPlan(guidance=self.edit_guidance(inversion, cfg), source=self.source_conditioning(inversion, editor),
+                        negative=inversion.negative, negative_at=lambda level: table[inversion.steps - level])
 
 
 @contextmanager

@@ -16,6 +16,8 @@ Metadata key ``"inversion"``: a JSON object with exactly these fields
                   non-negative integers
     model_family  a string                         fingerprint   a string
     latent_shape  non-empty list of positive ints
+    space         optional: ``"vp"`` or ``"flow"`` (the model family's parametrisation); absent means ``"vp"``
+                  (files written before flow models were supported)
     conditioning  an embedding ``{"$tensor": "conditioning.<n>"}`` or a list of ``[embedding, object]`` pairs
                   (diffusers / ComfyUI CONDITIONING); every ``{"$tensor": key}`` inside names a tensor of the
                   file whose name starts with ``conditioning.``
@@ -35,7 +37,8 @@ float64):
                                 ``[batch, tokens, width]`` and finite, other values any tensor
 
 and no others. ``len(timesteps)`` is ``levels`` (EDICT: ``edict_levels(len(timesteps), strength) == levels``, as
-EDICT inverts only that part of the schedule).
+EDICT inverts only that part of the schedule). The method must apply to the space (EDICT, DDIM: VP; Euler,
+RF-Solver: flow).
 """
 from __future__ import annotations
 
@@ -51,8 +54,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .edict import edict_levels
-from .methods import METHODS, method_options
+from .methods import METHODS, method_named, method_options, methods_for
+from .spaces import SPACES
 from .types import Inversion
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "InversionFileError", "load_inversion", "save_inversion"]
@@ -104,6 +107,7 @@ def save_inversion(inversion: Inversion, path: str) -> None:
         "model_family": inversion.model_family,
         "fingerprint": inversion.fingerprint,
         "latent_shape": list(inversion.latent_shape),
+        "space": inversion.space,
         "conditioning": _encode(inversion.conditioning, tensors, "conditioning", dropped),
         "negative": _encode(inversion.negative, tensors, "negative", dropped),
     }
@@ -177,7 +181,7 @@ _CONDITIONING = "an embedding tensor or a list of [tensor, object] pairs"
 
 # field -> (test, what the value must be)
 _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "method": (lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(METHODS)}"),
+    "method": (lambda v: isinstance(v, str) and v in METHODS, f"one of {', '.join(METHODS)}"),  # see _parse
     "options": (lambda v: isinstance(v, dict), "an object"),
     "timesteps": (_timesteps, "a non-empty ascending list of non-negative integers"),
     "cfg": (_finite_number, "a finite number"),
@@ -186,6 +190,11 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "latent_shape": (_latent_shape, "a non-empty list of positive integers"),
     "conditioning": (_conditioning, _CONDITIONING),
     "negative": (lambda v: v is None or _conditioning(v), f"null, {_CONDITIONING}"),
+}
+
+# optional field -> (test, what the value must be, the value of files without it)
+_OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
+    "space": (lambda v: isinstance(v, str) and v in SPACES, f"one of {', '.join(SPACES)}", "vp"),
 }
 
 # type of an option's default -> (test, what the value must be); a bool option takes any integer, as Python would
@@ -218,12 +227,20 @@ def _parse(metadata: dict) -> dict:
     if meta.get("version") != FORMAT_VERSION:
         raise _Problem(f"it was saved by format version {_show(meta.get('version'))}; this version reads "
                        f"{FORMAT_VERSION}. Invert the image again")
-    unknown = sorted(meta.keys() - _FIELDS.keys() - {"format", "version"})
+    unknown = sorted(meta.keys() - _FIELDS.keys() - _OPTIONAL_FIELDS.keys() - {"format", "version"})
     if unknown:
         raise _Problem(f"unknown field {unknown[0]!r}")
+    for key, (test, expected, default) in _OPTIONAL_FIELDS.items():
+        if key not in meta:
+            meta[key] = default
+        elif not test(meta[key]):
+            raise _Problem(f"the field {key!r} must be {expected}, got {_show(meta[key])}")
     for key, (test, expected) in _FIELDS.items():
         if key not in meta:
             raise _Problem(f"the field {key!r} is missing")
+        if key == "method":  # the methods of the file's model family
+            names = methods_for(SPACES[meta["space"]])
+            test, expected = (lambda v: isinstance(v, str) and v in names), f"one of {', '.join(names)}"
         if not test(meta[key]):
             raise _Problem(f"the field {key!r} must be {expected}, got {_show(meta[key])}")
     return meta
@@ -272,6 +289,8 @@ _EMBEDDING = _Tensor(lambda t: (None, None, None))
 # method -> its extras (``extras.<name>`` in the file), all required
 _EXTRAS: dict[str, dict[str, _Tensor]] = {
     "ddim": {},
+    "euler": {},
+    "rf_solver": {},
     "negative_prompt": {},
     "edict": {"y_star": _Tensor(lambda t: (t.levels + 1, *t.latent_shape))},
     "null_text": {
@@ -348,7 +367,7 @@ def _inversion(meta: dict, tensors: dict) -> Inversion:
         raise _Problem("the tensor 'sigmas' must hold non-negative, non-decreasing noise levels")
     steps = len(meta["timesteps"])
     try:
-        levels = edict_levels(steps, options.strength) if method == "edict" else steps
+        levels = method_named(method).levels(steps, options)
     except ValueError as error:
         raise _Problem(f"its options are invalid: {str(error).rstrip('.')}") from None
     if levels != trajectory.levels:
@@ -364,4 +383,4 @@ def _inversion(meta: dict, tensors: dict) -> Inversion:
         raise _Problem(f"the tensor {unknown[0]!r} is not part of a {method} inversion")
     return Inversion(method=method, z_star=z_star, sigmas=sigmas, timesteps=list(meta["timesteps"]), cfg=meta["cfg"],
                      conditioning=conditioning, negative=negative, model_family=meta["model_family"],
-                     options=meta["options"], extras=extras, fingerprint=meta["fingerprint"])
+                     options=meta["options"], extras=extras, fingerprint=meta["fingerprint"], space=meta["space"])

@@ -109,8 +109,9 @@ class Inversion:
     """An inverted image: the trajectory z*_0 .. z*_T and what is needed to use it safely.
 
     Attributes:
-        method: ``"ddim"``, ``"null_text"``, ``"negative_prompt"`` or ``"edict"``.
-        z_star: ``[steps + 1, B, C, H, W]`` VP latents in the model's latent space; ``z_star[0]`` is the
+        method: one of ``methods.METHODS`` (``"ddim"``, ``"null_text"``, ``"negative_prompt"``, ``"edict"``;
+            ``"euler"``, ``"rf_solver"`` on flow models).
+        z_star: ``[steps + 1, B, C, H, W]`` latents in the model's latent space (VP scaling on VP models); ``z_star[0]`` is the
             source latent, ``z_star[-1]`` is z*_T.
         sigmas: ``[steps + 1]`` float64 noise levels of ``z_star``, ascending (see ``schedule.ddim_sigmas``).
         timesteps: the ``steps`` training timesteps of the DDIM steps, ascending.
@@ -124,6 +125,8 @@ class Inversion:
             order: row n is the unconditional context of the step from level ``steps - n``), ``y_star``
             (EDICT's second latent sequence, like ``z_star``).
         fingerprint: a hash of the model weights the inversion was made with ("" if unknown).
+        space: the model family's parametrisation, ``"vp"`` or ``"flow"`` (see ``spaces``): how ``z_star`` is
+            scaled and stepped.
     """
 
     method: str
@@ -137,6 +140,7 @@ class Inversion:
     options: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
     fingerprint: str = ""
+    space: str = "vp"
 
     @property
     def steps(self) -> int:
@@ -146,7 +150,16 @@ class Inversion:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.z_star.shape[1:])
 
-    def check_model(self, model_family: str) -> None:
+    def check_model(self, model_family: str, space: str = "vp") -> None:
+        """A clear error unless the model is of the family the inversion was made with."""
+        if space != self.space:
+            from .spaces import space_named
+
+            raise ValueError(
+                f"This inversion was made with {space_named(self.space).label} ('{self.model_family}') and cannot be "
+                f"used with {space_named(space).label} ('{model_family}'): the two families move latents along "
+                f"different trajectories. Invert the image again with the model you sample with."
+            )
         if model_family != self.model_family:
             raise ValueError(
                 f"This inversion was made with a '{self.model_family}' model but is used with a "

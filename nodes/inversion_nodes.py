@@ -37,24 +37,29 @@ class Invert(io.ComfyNode):
             display_name="Invert (DDIM/NT/NP/EDICT)",
             category=CATEGORY,
             description=(
-                "Inverts a real image's latent into the diffusion model's noise along a DDIM schedule and keeps the "
-                "trajectory for the Direct Inversion Sampler. ddim: plain DDIM inversion. null_text: DDIM, then one "
-                "optimised unconditional embedding per step (Mokady et al.). negative_prompt: DDIM, edited with the "
-                "source prompt as the unconditional input (Miyake et al.). edict: exact inversion with two coupled "
-                "latents (Wallace et al.). Defaults follow the papers' reference code; connect a method's Options node "
-                "to change them."
+                "Inverts a real image's latent into the diffusion model's noise along its schedule and keeps the "
+                "trajectory for the Direct Inversion Sampler. UNet models (SD1.x/SD2.x/SDXL): ddim: plain DDIM "
+                "inversion. null_text: DDIM, then one optimised unconditional embedding per step (Mokady et al.). "
+                "negative_prompt: DDIM, edited with the source prompt as the unconditional input (Miyake et al.). "
+                "edict: exact inversion with two coupled latents (Wallace et al.). Flow models (SD3/SD3.5, Flux): "
+                "euler: the flow ODE run backwards; rf_solver: RF-Solver's second-order steps (two evaluations per "
+                "step, closer without offsets); negative_prompt and null_text as above. Defaults follow the papers' "
+                "reference code; connect a method's Options node to change them."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model (LoRA and model patches applied upstream act)."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux model (LoRA and model patches "
+                                                "applied upstream act)."),
                 io.Latent.Input("latent", tooltip="The VAE-encoded source image."),
                 io.Conditioning.Input("source", tooltip="The source prompt: a description of the image as it is."),
                 io.Conditioning.Input("negative", tooltip="The empty prompt: guidance when cfg > 1, null-text's starting "
                                                           "embedding, EDICT's unconditional input."),
                 io.Combo.Input("method", options=list(METHODS), default="ddim",
-                               tooltip="ddim, null_text (slow, most faithful), negative_prompt (fast, no optimisation), "
-                                       "edict (exact)."),
+                               tooltip="UNets: ddim, null_text (slow, most faithful), negative_prompt (fast, no "
+                                       "optimisation), edict (exact). Flow models (SD3, Flux): euler, rf_solver "
+                                       "(second order), negative_prompt, null_text."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
-                             tooltip="Number of DDIM steps; the sampler uses the same schedule."),
+                             tooltip="Number of steps (DDIM's on UNets, the simple schedule on flow models); the "
+                                     "sampler uses the same schedule."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance of the DDIM inversion pass (reference: 1). EDICT uses its own (3)."),
                 INVERSION_OPTIONS.Input("options", optional=True,
@@ -65,7 +70,8 @@ class Invert(io.ComfyNode):
                                  tooltip="The inverted trajectory, for the Direct Inversion Sampler."),
                 io.Latent.Output("z_T", display_name="z_T",
                                  tooltip="The inverted noise latent, scaled for KSamplerAdvanced/SamplerCustom "
-                                         "with add_noise disabled."),
+                                         "with add_noise disabled (UNet models: ComfyUI rescales a flow model's "
+                                         "input latent, so there use the Direct Inversion Sampler)."),
                 io.Sigmas.Output("sigmas", display_name="sigmas",
                                  tooltip="The DDIM schedule for SamplerCustom (euler or ddim) from z_T."),
             ],
@@ -289,7 +295,7 @@ class LoadInversion(io.ComfyNode):
 
 def check_loaded(inversion: Inversion, model, name: str) -> None:
     """A loaded inversion must come from this model: family first, then the weights' fingerprint."""
-    inversion.check_model(backend.model_family(model))
+    inversion.check_model(backend.model_family(model), backend.model_space(model).name)
     fingerprint = backend.model_fingerprint(model)
     if inversion.fingerprint != fingerprint:
         raise ValueError(f"{name} was made with other model weights (fingerprint {inversion.fingerprint}, this model "

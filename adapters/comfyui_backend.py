@@ -111,6 +111,11 @@ def model_space(model) -> Space:
     )
 
 
+def _guidance_distilled(model) -> bool:
+    """Flux (dev and schnell): sampled without CFG, its guidance an embedding."""
+    return model.model.model_config.unet_config.get("image_model") == "flux"
+
+
 def schedule(model, steps: int) -> tuple[torch.Tensor, list[int]]:
     """The model's trajectory noise levels (ascending) and timesteps for ``steps`` steps: DDIM's on VP models,
     ComfyUI's ``simple`` schedule on flow models (with the model's own shift)."""
@@ -460,7 +465,7 @@ def invert(model, latent: torch.Tensor, positive, negative, steps: int = 50, cfg
     inverter = method_named(method)
     settings = inverter.options(options)
     space = model_space(model)
-    inverter.check_space(space)
+    inverter.check_space(space, distilled=_guidance_distilled(model))
     check_latent_layout("latent to invert", latent, model.model.latent_format.latent_channels)
     check_latent_values("latent to invert", latent)
     sigmas, timesteps = schedule(model, steps)

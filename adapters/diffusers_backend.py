@@ -36,7 +36,7 @@ from ..inversion import (
 )
 from ..editors.attention import AttentionCall, FeatureCall, layer_orders
 from ..inversion import edit as core_edit
-from .diffusers_models import Net, UNetNet, flow_prompt, network, vp_train_sigmas
+from .diffusers_models import FluxNet, Net, UNetNet, flow_prompt, network, vp_train_sigmas
 
 __all__ = ["DiffusersDenoiser", "DiffusersNullText", "attention_layers", "decoder_features", "edit", "editor_installed",
            "flow_prompt", "invert", "model_family", "train_sigmas"]
@@ -256,7 +256,7 @@ def invert(unet, scheduler, latent: torch.Tensor, prompt_embeds, negative_embeds
     net = network(unet, scheduler)
     inverter = method_named(method)
     settings = inverter.options(options)
-    inverter.check_space(net.space)
+    inverter.check_space(net.space, distilled=isinstance(net, FluxNet))
     check_latent_layout("latent to invert", latent, net.channels)
     check_latent_values("latent to invert", latent)
     sigmas, timesteps = net.space.trajectory(net.train_sigmas(latent), steps)

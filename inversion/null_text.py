@@ -138,6 +138,13 @@ class NullTextMethod(InversionMethod):
     def inner_steps(self, options) -> int:
         return options.inner_steps
 
+    def check_space(self, space: Space, distilled: bool = False) -> None:
+        super().check_space(space)
+        if distilled:
+            raise ValueError("Null-text inversion optimises the unconditional input of classifier-free guidance, but "
+                             "Flux is guidance-distilled and sampled without CFG (its guidance is an embedding): use "
+                             "euler or rf_solver.")
+
     def invert(self, options, model, z0, sigmas, space=VP, null_text_model=None, callback=None):
         self.check_space(space)
         if null_text_model is None:

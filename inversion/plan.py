@@ -83,8 +83,9 @@ class InversionMethod:
                              f"its options are: {', '.join(sorted(known)) or 'none'}.")
         return self.Options(**overrides)
 
-    def check_space(self, space: Space) -> None:
-        """A clear error where the method does not apply to the model's family."""
+    def check_space(self, space: Space, distilled: bool = False) -> None:
+        """A clear error where the method does not apply to the model's family (``distilled``: the model is sampled
+        without classifier-free guidance, like Flux, whose guidance is an embedding)."""
         if space.name not in self.spaces:
             from .methods import methods_for  # the registry imports the method modules
 

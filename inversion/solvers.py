@@ -6,10 +6,13 @@
   the round trip's error falls like 1/steps.
 - :class:`Midpoint`: RF-Solver's second-order step (Wang et al., "Taming Rectified Flow for Inversion and Editing",
   2024: a Taylor step whose time derivative of the velocity is a finite difference over half a step, which is the
-  explicit midpoint rule) in either direction: d1 at the start, half an Euler step, d2 there, a full step with d2.
-  Two evaluations per step; the round trip's error falls like 1/steps^2. Where the start is sigma = 0 (the first
-  inversion step of a flow model, which is not trained there), d1 is taken at the midpoint level: a first
-  derivative off by O(h) moves the midpoint by O(h^2) and the step by O(h^3), so the order stays two.
+  explicit midpoint rule) in either direction: d1, half an Euler step, d2 there, a full step with d2. Two evaluations
+  per step; the round trip's error falls like 1/steps^2. RF-Solver takes d1 at the step's start; here both
+  evaluations are at the step's midpoint level. A first derivative off by O(h) in the noise level moves the midpoint
+  by O(h^2) and the step by O(h^3), so the order stays two, and -- as with DDIM inversion's convention for Euler --
+  inversion and sampling then ask the model at the same levels, so its dependence on the level cancels in a round
+  trip (with d1 at the start, a model whose prediction is rough in sigma, like an untrained one, loses the second
+  order), and the model is never asked at sigma = 0 (where flow models are not trained).
 """
 from __future__ import annotations
 
@@ -44,8 +47,7 @@ class Midpoint:
     def _step(self, model, space, z, sigma, sigma_to, like, branch, level, guided):
         mid = 0.5 * (sigma + sigma_to)
         mid_dev = like.new_tensor(mid)
-        first_at = mid_dev if sigma == 0.0 else like.new_tensor(sigma)
-        d1 = model(z, first_at, branch, level, guided=guided)
+        d1 = model(z, mid_dev, branch, level, guided=guided)
         d2 = model(space.step(z, d1, sigma, mid), mid_dev, branch, level, guided=guided)
         return space.step(z, d2, sigma, sigma_to), d2
 

@@ -109,8 +109,8 @@ class _Flow(Space):
 def flow_sigmas(train_sigmas: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[int]]:
     """ComfyUI's ``simple`` schedule of a flow model, ascending: 0, then the training levels at indices
     ``n - 1 - int(k n / steps)`` for k = steps-1 .. 0 (``n`` training levels; the top one is the model's sigma_max).
-    diffusers' ``FlowMatchEulerDiscreteScheduler`` spaces the same shifted time linearly; both agree where ``steps``
-    divides ``n``."""
+    (diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` spaces the time down to its smallest training level
+    instead; the diffusers adapter takes this schedule too, so both backends visit the same levels.)"""
     train_sigmas = train_sigmas.detach().to("cpu", torch.float64).flatten()
     n = train_sigmas.numel()
     if steps < 1:

@@ -131,11 +131,13 @@ def comfy_env(comfyui_path, tmp_path_factory):
     import nodes
     import numpy as np
     from comfy_testing import TEST_NODES
+    from flow_testing import FLOW_TEST_NODES
     from PIL import Image
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     assert asyncio.run(nodes.load_custom_node(str(di_testing.ROOT))), "ComfyUI failed to load the pack"
     nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
+    nodes.NODE_CLASS_MAPPINGS.update(FLOW_TEST_NODES)
 
     input_dir = tmp_path_factory.mktemp("input")
     output_dir = tmp_path_factory.mktemp("output")

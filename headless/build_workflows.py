@@ -21,6 +21,8 @@ except ImportError:  # as a script
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
+SD35 = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"  # ComfyUI's SD3.5 example checkpoint (CLIPs and T5 in it)
+FLUX = "flux1-dev-fp8.safetensors"  # ComfyUI's single-file Flux dev example checkpoint
 COLUMN, GAP = 380, 30
 
 
@@ -386,9 +388,94 @@ def load_inversion_many_targets(g):
            "prompt; the source prompt must be the one the image was inverted with.")
 
 
+# -- flow-matching models (SD3.5, Flux) -------------------------------------------------------------------------
+
+def _flow_prompts(g, ckpt, source_text, target_text, flux_guidance=None):
+    """Source and target prompts; on Flux each through FluxGuidance (the guidance embedding)."""
+    source = g.add("CLIPTextEncode", title="Source prompt", text=source_text, clip=ckpt[1])
+    target = g.add("CLIPTextEncode", title="Target prompt", text=target_text, clip=ckpt[1]) if target_text else None
+    if flux_guidance is not None:
+        source = g.add("FluxGuidance", title="Flux guidance (source)", conditioning=source[0], guidance=flux_guidance)
+        if target is not None:
+            target = g.add("FluxGuidance", title="Flux guidance (target)", conditioning=target[0],
+                           guidance=flux_guidance)
+    return source, target
+
+
+def _flow_reconstruction(g, name, checkpoint, cfg, method, steps, flux_guidance, note):
+    ckpt, resized, latent, negative = load(g, checkpoint, 1024)
+    source, _ = _flow_prompts(g, ckpt, "a cat sitting on a bench", None, flux_guidance)
+    inv = invert(g, ckpt[0], latent, source[0], negative, method=method, steps=steps)
+    direct = sample(g, ckpt[0], inv, source[0], negative, cfg=cfg, offsets="source",
+                    title="Direct Inversion (offsets on)")
+    plain = sample(g, ckpt[0], inv, source[0], negative, cfg=cfg, offsets="off", title=f"{method} (offsets off)")
+    a = g.add("VAEDecode", samples=direct[1], vae=ckpt[2])
+    b = g.add("VAEDecode", samples=plain[1], vae=ckpt[2])
+    ab = g.add("ImageStitch", image1=a[0], image2=b[0], direction="right", match_image_size=True, spacing_width=8,
+               spacing_color="white")
+    row = g.add("ImageStitch", image1=resized[0], image2=ab[0], direction="right", match_image_size=True,
+                spacing_width=8, spacing_color="white")
+    g.add("SaveImage", title=f"Input | Direct Inversion | {method}", images=row[0],
+          filename_prefix=f"DirectInversion/{name}")
+    g.note(note)
+
+
+def _flow_edit(g, name, checkpoint, cfg, method, steps, flux_guidance, note):
+    ckpt, _, latent, negative = load(g, checkpoint, 1024)
+    source, target = _flow_prompts(g, ckpt, "a cat sitting on a bench", "a dog sitting on a bench", flux_guidance)
+    inv = invert(g, ckpt[0], latent, source[0], negative, method=method, steps=steps)
+    out = sample(g, ckpt[0], inv, target[0], negative, cfg=cfg, offsets="source", title="Direct Inversion Sampler")
+    decode_and_save(g, ckpt, out[0], name)
+    decode_and_save(g, ckpt, out[1], f"{name}_source", title="Source reconstruction")
+    g.note(note)
+
+
+def sd35_reconstruction_check(g):
+    _flow_reconstruction(
+        g, "sd35_reconstruction_check", SD35, cfg=4.5, method="euler", steps=30, flux_guidance=None,
+        note="SD3.5 reconstruction check (flow matching). The image is inverted with Euler steps of the flow ODE "
+             "(guidance 1, 30 steps of ComfyUI's simple schedule with the model's shift) and regenerated with its own "
+             "prompt at SD3.5's guidance 4.5, with Direct Inversion's offsets (middle: the source branch equals the "
+             "input's latent) and without (right: the plain Euler round trip drifts at this guidance). Saved side by "
+             "side: input | Direct Inversion | Euler.\n\nKnobs: Invert's method (rf_solver: second-order steps, "
+             "closer without offsets, two model evaluations per step) and steps; the samplers' cfg.")
+
+
+def sd35_free_edit(g):
+    _flow_edit(
+        g, "sd35_free_edit", SD35, cfg=4.5, method="euler", steps=30, flux_guidance=None,
+        note="SD3.5 edit without an editor: Euler inversion with the source prompt, then the Direct Inversion "
+             "Sampler with the target prompt at guidance 4.5. The source branch follows the inversion exactly; the "
+             "target branch starts from the same inverted noise, so the layout carries over as far as the prompt "
+             "change allows (an editor that pins attention is not available for flow models yet). Saves the edit and "
+             "the source reconstruction.\n\nKnobs: Invert's method (negative_prompt: the source prompt as the "
+             "negative, null_text: optimised unconditional context; rf_solver), steps, cfg.")
+
+
+def flux_reconstruction_check(g):
+    _flow_reconstruction(
+        g, "flux_reconstruction_check", FLUX, cfg=1.0, method="euler", steps=28, flux_guidance=3.5,
+        note="Flux dev reconstruction check. Flux is guidance-distilled: it samples at cfg 1 and takes its guidance "
+             "(3.5) as an embedding, set here by FluxGuidance on the prompt. The image is inverted with Euler steps "
+             "(28 steps of ComfyUI's simple schedule) and regenerated with its own prompt, with Direct Inversion's "
+             "offsets (middle: exact) and without (right). Saved side by side: input | Direct Inversion | Euler.\n\n"
+             "Knobs: FluxGuidance, Invert's method (rf_solver) and steps.")
+
+
+def flux_free_edit(g):
+    _flow_edit(
+        g, "flux_free_edit", FLUX, cfg=1.0, method="rf_solver", steps=28, flux_guidance=3.5,
+        note="Flux dev edit without an editor: RF-Solver inversion (second-order steps, two model evaluations per "
+             "step) with the source prompt, then the Direct Inversion Sampler with the target prompt, both through "
+             "FluxGuidance 3.5, at cfg 1 (Flux samples without CFG). The source branch follows the inversion exactly; "
+             "the target starts from the same inverted noise. Saves the edit and the source reconstruction.\n\n"
+             "Knobs: FluxGuidance (the edit's strength), Invert's method (euler: one evaluation per step) and steps.")
+
+
 WORKFLOWS = [reconstruction_check, p2p_word_swap, p2p_refine, p2p_reweight, p2p_local_blend, masactrl_pose,
              pnp_photo_to_sketch, p2p_zero_cat_to_dog, null_text_p2p, negative_prompt_p2p, edict_edit, sdxl_edit, lora_controlnet_edit,
-             save_inversion, load_inversion_many_targets]
+             save_inversion, load_inversion_many_targets, sd35_reconstruction_check, sd35_free_edit,
+             flux_reconstruction_check, flux_free_edit]
 
 
 def build(nodes_module, folder: Path) -> list[Path]:

@@ -335,3 +335,50 @@ def test_comfyui_wrong_family_saved_files_and_cancel(comfy_backend, model, conds
         after = comfy_backend.direct_inversion(sd3, loaded, flow_conds["target"], flow_conds["null"], cfg=4.5)
     assert repr(sd3.model_options) == options_before and dict(sd3.patches) == patches_before
     assert (after.source - latent).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_executor_inverts_and_edits_flow_checkpoints(comfy_env, every_progress_tick, kind):
+    """Through ComfyUI's executor, from a checkpoint loader's stand-in and real text encoding (Flux: through
+    FluxGuidance): Invert (rf_solver) and the Direct Inversion Sampler reconstruct the VAE's latent exactly, one
+    progress tick per step on each node."""
+    import comfy.utils
+    from test_comfyui_executor import output_of, run_prompt
+
+    checkpoint = "DITest_TinySD3Checkpoint" if kind == "sd3" else "DITest_TinyFluxCheckpoint"
+    source_in, target_in = (["11", 0], ["12", 0]) if kind == "flux" else (["4", 0], ["5", 0])  # Flux: FluxGuidance
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "di_test.png"}},
+        "2": {"class_type": checkpoint, "inputs": {}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 2]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat sitting on a bench", "clip": ["2", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog sitting on a bench", "clip": ["2", 1]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
+        "7": {"class_type": "DirectInversion_Invert",
+              "inputs": {"model": ["2", 0], "latent": ["3", 0], "source": source_in, "negative": ["6", 0],
+                         "method": "rf_solver", "steps": 5, "cfg": 1.0}},
+        "8": {"class_type": "DirectInversion_Sampler",
+              "inputs": {"model": ["2", 0], "inversion": ["7", 0], "target": target_in, "negative": ["6", 0],
+                         "cfg": 4.5 if kind == "sd3" else 1.0, "offsets": "auto"}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["2", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": f"di_{kind}"}},
+    }
+    if kind == "flux":
+        graph["11"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}}
+        graph["12"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": 3.5}}
+    ticks = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: ticks.append((value, total)))
+    try:
+        executor, _, validation = run_prompt(graph)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert validation[0], validation
+    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    encoded = output_of(executor, "3", 0)["samples"]
+    edited, source = output_of(executor, "8", 0)["samples"], output_of(executor, "8", 1)["samples"]
+    assert encoded.shape[1] == 16
+    assert (source - encoded).abs().max().item() <= 1e-5
+    assert not torch.allclose(edited, encoded, atol=1e-3)
+    inversion = output_of(executor, "7", 0)
+    assert inversion.space == "flow" and inversion.method == "rf_solver"
+    assert [v for v, t in ticks if t == 5] == list(range(1, 6)) * 2  # Invert's five steps, then the sampler's

@@ -39,7 +39,8 @@ def test_the_expected_workflows_are_there():
     assert set(NAMES) >= {"reconstruction_check", "p2p_word_swap", "p2p_refine", "p2p_reweight", "p2p_local_blend",
                           "masactrl_pose", "pnp_photo_to_sketch", "null_text_p2p", "negative_prompt_p2p",
                           "edict_edit", "sdxl_edit", "lora_controlnet_edit", "save_inversion",
-                          "load_inversion_many_targets", "p2p_zero_cat_to_dog"}
+                          "load_inversion_many_targets", "p2p_zero_cat_to_dog", "sd35_reconstruction_check",
+                          "sd35_free_edit", "flux_reconstruction_check", "flux_free_edit"}
 
 
 def _widgets_fit(node: dict, definition: dict, ui_to_api) -> list[str]:
@@ -115,8 +116,7 @@ def standing_in(prompt: dict, lora_name: str) -> dict:
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
-            sdxl = "xl" in inputs["ckpt_name"]
-            node.update(class_type="DITest_TinySDXLCheckpoint" if sdxl else "DITest_TinyCheckpoint", inputs={})
+            node.update(class_type=_stand_in_checkpoint(inputs["ckpt_name"]), inputs={})
         elif node["class_type"] == "ControlNetLoader":
             node.update(class_type="DITest_TinyControlNet", inputs={})
         elif node["class_type"] == "LoraLoader":
@@ -130,6 +130,15 @@ def standing_in(prompt: dict, lora_name: str) -> dict:
         elif node["class_type"] == "DirectInversion_PnPEditor":  # the tiny UNets' positions of the defaults
             inputs.update(feature_block=3, attention_from_block=1 if _is_sdxl(prompt) else 3)
     return prompt
+
+
+def _stand_in_checkpoint(name: str) -> str:
+    """The tiny stand-in of a checkpoint of the family its file name tells."""
+    for key, stand_in in (("sd3", "DITest_TinySD3Checkpoint"), ("flux", "DITest_TinyFluxCheckpoint"),
+                          ("xl", "DITest_TinySDXLCheckpoint")):
+        if key in name:
+            return stand_in
+    return "DITest_TinyCheckpoint"
 
 
 def _is_sdxl(prompt: dict) -> bool:

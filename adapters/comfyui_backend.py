@@ -36,12 +36,16 @@ import latent_preview
 from ..inversion import (
     BRANCH_SOURCE,
     BRANCH_TARGET,
+    FLOW,
+    FlowEditOptions,
     Inversion,
     OffsetTrajectory,
     autograd_weights,
     check_latent_layout,
     check_latent_values,
+    check_number,
     edit,
+    flow_edit as core_flow_edit,
     method_named,
     resolve_offsets,
 )
@@ -50,7 +54,7 @@ from .comfyui_models import guidance_distilled, model_family, model_fingerprint,
 from .comfyui_sampling import BRANCH_OPTION, LEVEL_OPTION, ComfyNullText, autograd_models, lerp_conditioning, run_guided
 
 __all__ = ["BRANCH_OPTION", "LEVEL_OPTION", "DirectInversionOutput", "InvertOutput", "attention_layers",
-           "decoder_features", "direct_inversion", "install_editor", "invert", "model_family", "model_fingerprint",
+           "decoder_features", "direct_inversion", "flow_edit", "install_editor", "invert", "model_family", "model_fingerprint",
            "model_space", "schedule"]
 
 log = logging.getLogger("DirectInversion")
@@ -229,3 +233,28 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
 def _on_device(inversion: Inversion, device) -> Inversion:
     return replace(inversion, z_star=inversion.z_star.to(device),
                    extras={k: v.to(device) for k, v in inversion.extras.items()})
+
+
+def flow_edit(model, latent: torch.Tensor, source, target, negative, steps: int = 28, source_cfg: float = 1.0,
+              target_cfg: float = 1.0, options: Optional[dict] = None) -> torch.Tensor:
+    """FlowEdit (``inversion.flowedit``) of a LATENT's samples with a flow model, without inversion; returns LATENT
+    samples. The source and target are guided with their own cfg (SD3); Flux's guidance comes with each
+    conditioning (FluxGuidance). ``options``: :class:`FlowEditOptions`' (n_max, n_min, n_avg, seed)."""
+    if model_space(model) is not FLOW:
+        raise ValueError("FlowEdit edits flow-matching models (SD3/SD3.5, Flux); for a UNet model invert the image and "
+                         "use the Direct Inversion Sampler.")
+    settings = FlowEditOptions(**(options or {}))
+    check_latent_layout("latent to edit", latent, model.model.latent_format.latent_channels)
+    check_latent_values("latent to edit", latent)
+    for name, cfg in (("source", source_cfg), ("target", target_cfg)):
+        check_number(f"FlowEdit's {name} cfg", cfg, 0.0, 100.0)
+    sigmas, _ = schedule(model, steps)
+    if settings.n_max > steps:
+        raise ValueError(f"FlowEdit's n_max ({settings.n_max}) cannot exceed its steps ({steps}).")
+
+    def run(denoiser, latent_image):
+        return core_flow_edit(denoiser, latent_image, sigmas, settings, callback=_Progress(model, settings.n_max))
+
+    return run_guided(model, {BRANCH_SOURCE: source, BRANCH_TARGET: target}, negative, target_cfg, BRANCH_TARGET,
+                      sigmas, latent.shape, run, latent_image=latent,
+                      branch_cfg={BRANCH_SOURCE: source_cfg, BRANCH_TARGET: target_cfg})

@@ -55,12 +55,14 @@ class BranchGuider(comfy.samplers.CFGGuider):
 
     ``primary`` names the branch stored under ComfyUI's "positive" key (ControlNet hints applied to the positive
     conditioning reach the negative through it, as in KSampler). ``level_contexts`` (null-text) replaces the
-    negative's cross-attention context per trajectory level.
+    negative's cross-attention context per trajectory level. ``branch_cfg`` gives a branch a guidance scale of its own
+    (FlowEdit guides its source and target differently); the others take ``cfg``.
     """
 
     def __init__(self, model_patcher, branches: dict, negative, cfg: float, primary: str,
-                 level_contexts: Optional[Callable[[int], torch.Tensor]] = None):
+                 level_contexts: Optional[Callable[[int], torch.Tensor]] = None, branch_cfg: Optional[dict] = None):
         super().__init__(model_patcher)
+        self.branch_cfg = dict(branch_cfg or {})
         self.branch_keys = {name: ("positive" if name == primary else name) for name in branches}
         self.primary = primary
         self.level_contexts = level_contexts
@@ -84,7 +86,8 @@ class BranchGuider(comfy.samplers.CFGGuider):
         options = model_options.get("transformer_options", {})
         branch = options.get(BRANCH_OPTION, self.primary)
         return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.negative(options.get(LEVEL_OPTION)),
-                                                self.cond(branch), self.cfg, model_options=model_options, seed=seed)
+                                                self.cond(branch), self.branch_cfg.get(branch, self.cfg),
+                                                model_options=model_options, seed=seed)
 
 
 def _derivative_via_denoised(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
@@ -161,7 +164,7 @@ class _CoreSampler(comfy.samplers.Sampler):
 
 def run_guided(model, branches: dict, negative, cfg: float, primary: str, sigmas: torch.Tensor, shape, run,
                latent_image: Optional[torch.Tensor] = None, level_contexts=None, proximal=("none", 0.75),
-               prepare: Optional[Callable] = None) -> torch.Tensor:
+               prepare: Optional[Callable] = None, branch_cfg: Optional[dict] = None) -> torch.Tensor:
     """Sample ``run(denoiser, latent)`` inside ``CFGGuider.sample`` on a clone of ``model`` (per-run options and
     patches, ``prepare(clone)`` first, never reach the caller's ModelPatcher): ComfyUI loads the models, processes
     the conditionings of ``branches`` and ``negative`` and cleans up around it; returns what ``run`` returns, after
@@ -175,7 +178,7 @@ def run_guided(model, branches: dict, negative, cfg: float, primary: str, sigmas
         if "sampler_cfg_function" in model.model_options:
             log.warning("[DirectInversion] proximal guidance replaces the model's sampler CFG function for this edit.")
         model.set_model_sampler_cfg_function(_proximal_cfg(*proximal))
-    guider = BranchGuider(model, branches, negative, cfg, primary, level_contexts)
+    guider = BranchGuider(model, branches, negative, cfg, primary, level_contexts, branch_cfg)
     noise = torch.zeros(shape)
     latent = noise if latent_image is None else latent_image
     sampling_sigmas = sigmas.flip(0).to(torch.float32)

@@ -24,7 +24,9 @@ import torch
 from ..inversion import (
     BRANCH_SOURCE,
     BRANCH_TARGET,
+    FLOW,
     DirectInversionResult,
+    FlowEditOptions,
     Inversion,
     StepCallback,
     autograd_weights,
@@ -36,10 +38,11 @@ from ..inversion import (
 )
 from ..editors.attention import AttentionCall, FeatureCall, layer_orders
 from ..inversion import edit as core_edit
+from ..inversion import flow_edit as core_flow_edit
 from .diffusers_models import FluxNet, Net, UNetNet, flow_prompt, network, vp_train_sigmas
 
 __all__ = ["DiffusersDenoiser", "DiffusersNullText", "attention_layers", "decoder_features", "edit", "editor_installed",
-           "flow_prompt", "invert", "model_family", "train_sigmas"]
+           "flow_edit", "flow_prompt", "invert", "model_family", "train_sigmas"]
 
 def train_sigmas(scheduler) -> torch.Tensor:
     """sigma of every training timestep of a DDPM-style scheduler, float64."""
@@ -193,13 +196,15 @@ class DiffusersDenoiser:
         negative_at: per-level unconditional context (null-text), replacing ``negative``'s.
         proximal: ``(mode, quantile)`` of proximal guidance (see ``inversion.guidance``).
         net: the model's :class:`diffusers_models.Net` (made from ``unet`` and ``scheduler`` if not given).
+        branch_cfg: guidance scales of particular branches (FlowEdit's source and target); the others take ``cfg``.
     """
 
     def __init__(self, unet, scheduler, branches: dict, negative, cfg: float,
                  negative_at: Optional[Callable[[int], torch.Tensor]] = None, proximal=("none", 0.75),
-                 net: Optional[Net] = None):
+                 net: Optional[Net] = None, branch_cfg: Optional[dict] = None):
         self.net = net or network(unet, scheduler)
-        if cfg != 1.0 and negative is None and negative_at is None:
+        self.branch_cfg = dict(branch_cfg or {})
+        if any(c != 1.0 for c in [cfg, *self.branch_cfg.values()]) and negative is None and negative_at is None:
             raise ValueError("Guidance (cfg != 1) needs negative prompt embeddings.")
         self.branches = branches
         self.negative = negative
@@ -216,7 +221,8 @@ class DiffusersDenoiser:
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, branch: str, level: int,
                  guided: bool = True) -> torch.Tensor:
         cond = self.branches[branch]
-        if self.cfg == 1.0 or not guided:
+        cfg = self.branch_cfg.get(branch, self.cfg)
+        if cfg == 1.0 or not guided:
             self._calling(branch, level, ("cond",))
             return self.net.predict(z, sigma, [cond])
         negative = self.negative
@@ -224,7 +230,7 @@ class DiffusersDenoiser:
             negative = self.net.with_context(negative, self.negative_at(level))
         self._calling(branch, level, ("uncond", "cond"))
         eps_uncond, eps_cond = self.net.predict(z, sigma, [negative, cond]).chunk(2)
-        return eps_uncond + self.cfg * proximal_delta(eps_cond - eps_uncond, *self.proximal)
+        return eps_uncond + cfg * proximal_delta(eps_cond - eps_uncond, *self.proximal)
 
 
 class DiffusersNullText:
@@ -306,3 +312,25 @@ def edit(unet, scheduler, inversion: Inversion, target_embeds, negative_embeds, 
         denoiser.call_state = state
         return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback,
                          controller=state.controller)
+
+
+def flow_edit(model, scheduler, latent: torch.Tensor, source, target, negative=None, steps: int = 28,
+              source_cfg: float = 1.0, target_cfg: float = 1.0, options: Optional[dict] = None,
+              source_guidance: Optional[float] = None, target_guidance: Optional[float] = None,
+              callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """FlowEdit (``inversion.flowedit``) of a flow model's latent, without inversion: ``options`` are
+    :class:`FlowEditOptions`' (n_max, n_min, n_avg, seed). SD3: CFG ``source_cfg`` / ``target_cfg`` with ``negative``
+    (the reference: 50 steps, n_max 33, 3.5 / 13.5); Flux: cfg 1 and embedded ``source_guidance`` /
+    ``target_guidance`` (the reference: 28 steps, n_max 24, 1.5 / 5.5)."""
+    net = network(model, scheduler)
+    if net.space is not FLOW:
+        raise ValueError("FlowEdit edits flow-matching models (SD3/SD3.5, Flux); invert a UNet's image instead.")
+    settings = FlowEditOptions(**(options or {}))
+    check_latent_layout("latent to edit", latent, net.channels)
+    check_latent_values("latent to edit", latent)
+    sigmas, _ = net.space.trajectory(net.train_sigmas(latent), steps)
+    branches = {BRANCH_SOURCE: net.prompt(source, source_guidance), BRANCH_TARGET: net.prompt(target, target_guidance)}
+    negative = None if negative is None else net.prompt(negative, target_guidance)
+    denoiser = DiffusersDenoiser(model, scheduler, branches, negative, target_cfg, net=net,
+                                 branch_cfg={BRANCH_SOURCE: source_cfg, BRANCH_TARGET: target_cfg})
+    return core_flow_edit(denoiser, latent.float(), sigmas, settings, callback)

@@ -2,6 +2,7 @@
 from .ddim import invert_ddim
 from .direct import sample_direct_inversion
 from .edict import EdictOptions, edict_levels, invert_edict, sample_edict
+from .flowedit import FlowEditOptions, flow_edit
 from .guidance import PROXIMAL_MODES, proximal_delta
 from .methods import (
     METHODS,
@@ -43,7 +44,7 @@ from .types import (
 )
 
 __all__ = [
-    "FLOW", "SOLVERS", "SPACES", "VP", "EditPlan", "Euler", "InversionMethod", "Midpoint", "Space", "flow_sigmas",
+    "FLOW", "FlowEditOptions", "SOLVERS", "flow_edit", "SPACES", "VP", "EditPlan", "Euler", "InversionMethod", "Midpoint", "Space", "flow_sigmas",
     "method_named", "methods_for", "space_named",
     "BRANCH_SOURCE", "BRANCH_TARGET", "METHODS", "OFFSET_CHOICES", "OFFSET_MODES", "PROXIMAL_MODES",
     "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "EditController", "Inversion", "NegativePromptOptions",

@@ -140,6 +140,56 @@ EdictOptions = _options_node(
      io.Boolean.Input("leapfrog", default=True, tooltip="Alternate which latent is updated first.")])
 
 
+class FlowEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DirectInversion_FlowEdit",
+            display_name="FlowEdit (SD3/Flux)",
+            category=CATEGORY,
+            description=(
+                "Inversion-free editing of flow-matching models (Kulikov et al., FlowEdit): the image's latent moves "
+                "along the difference of the target's and the source's velocities at noised copies sharing their "
+                "noise, so what the prompts agree on cancels. No Invert node. The first steps - n_max steps are "
+                "skipped (larger n_max: stronger edits, less of the image kept); the last n_min sample the target "
+                "alone. The reference's settings: SD3/SD3.5 50 steps, n_max 33, cfg 3.5 (source) and 13.5 (target); "
+                "Flux dev 28 steps, n_max 24, cfg 1 with FluxGuidance 1.5 on the source and 5.5 on the target."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD3/SD3.5 or Flux model."),
+                io.Latent.Input("latent", tooltip="The VAE-encoded source image."),
+                io.Conditioning.Input("source", tooltip="The source prompt: the image as it is (Flux: through "
+                                                        "FluxGuidance, reference 1.5)."),
+                io.Conditioning.Input("target", tooltip="The target prompt (Flux: through FluxGuidance, reference 5.5)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning of both prompts' guidance (unused at "
+                                                          "cfg 1)."),
+                io.Int.Input("steps", default=28, min=1, max=1000,
+                             tooltip="Steps of the model's simple schedule (reference: SD3 50, Flux 28)."),
+                io.Int.Input("n_max", default=24, min=1, max=1000,
+                             tooltip="The edit runs the last n_max steps (reference: SD3 33 of 50, Flux 24 of 28)."),
+                io.Int.Input("n_min", default=0, min=0, max=1000,
+                             tooltip="The last n_min steps sample the target alone (reference: 0)."),
+                io.Int.Input("n_avg", default=1, min=1, max=16,
+                             tooltip="Noise draws averaged per step (each costs both predictions again)."),
+                io.Float.Input("source_cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance of the source prediction (SD3: 3.5; Flux: 1)."),
+                io.Float.Input("target_cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance of the target prediction (SD3: 13.5; Flux: 1)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the noise FlowEdit draws."),
+            ],
+            outputs=[io.Latent.Output("edited", display_name="edited", tooltip="The edited image's latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, source, target, negative, steps, n_max, n_min, n_avg, source_cfg, target_cfg,
+                seed) -> io.NodeOutput:
+        samples = backend.flow_edit(model, _samples(latent, "latent"), source, target, negative, steps=steps,
+                                    source_cfg=source_cfg, target_cfg=target_cfg,
+                                    options={"n_max": n_max, "n_min": n_min, "n_avg": n_avg, "seed": seed})
+        return io.NodeOutput({"samples": samples})
+
+
 class DirectInversionSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -302,5 +352,5 @@ def check_loaded(inversion: Inversion, model, name: str) -> None:
                          f"{fingerprint}): a LoRA, checkpoint or merge differs. Invert again with this model.")
 
 
-NODES = [Invert, NullTextOptions, NegativePromptOptions, EdictOptions, DirectInversionSampler, SaveInversion,
+NODES = [Invert, NullTextOptions, NegativePromptOptions, EdictOptions, DirectInversionSampler, FlowEdit, SaveInversion,
          LoadInversion]

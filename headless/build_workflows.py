@@ -472,10 +472,41 @@ def flux_free_edit(g):
              "Knobs: FluxGuidance (the edit's strength), Invert's method (euler: one evaluation per step) and steps.")
 
 
+def _flowedit(g, name, checkpoint, steps, n_max, cfgs, guidance, note):
+    ckpt, _, latent, negative = load(g, checkpoint, 1024)
+    source = g.add("CLIPTextEncode", title="Source prompt", text="a cat sitting on a bench", clip=ckpt[1])
+    target = g.add("CLIPTextEncode", title="Target prompt", text="a dog sitting on a bench", clip=ckpt[1])
+    if guidance is not None:
+        source = g.add("FluxGuidance", title="Flux guidance (source)", conditioning=source[0], guidance=guidance[0])
+        target = g.add("FluxGuidance", title="Flux guidance (target)", conditioning=target[0], guidance=guidance[1])
+    out = g.add("DirectInversion_FlowEdit", model=ckpt[0], latent=latent[0], source=source[0], target=target[0],
+                negative=negative[0], steps=steps, n_max=n_max, n_min=0, n_avg=1, source_cfg=cfgs[0],
+                target_cfg=cfgs[1], seed=42)
+    decode_and_save(g, ckpt, out[0], name)
+    g.note(note)
+
+
+def sd35_flowedit(g):
+    _flowedit(g, "sd35_flowedit", SD35, steps=50, n_max=33, cfgs=(3.5, 13.5), guidance=None,
+              note="FlowEdit on SD3.5 (Kulikov et al.): no inversion. The image's latent moves along the difference of "
+                   "the target's and the source's velocities at noised copies that share their noise, over the last "
+                   "33 of 50 steps; the reference's SD3 settings: source cfg 3.5, target cfg 13.5.\n\nKnobs: n_max "
+                   "(more steps: stronger edit, less of the image kept), the two cfgs, n_avg (noise draws per step), "
+                   "seed.")
+
+
+def flux_flowedit(g):
+    _flowedit(g, "flux_flowedit", FLUX, steps=28, n_max=24, cfgs=(1.0, 1.0), guidance=(1.5, 5.5),
+              note="FlowEdit on Flux dev (Kulikov et al.): no inversion. The image's latent moves along the difference "
+                   "of the target's and the source's velocities over the last 24 of 28 steps; Flux samples at cfg 1, "
+                   "so the guidance is FluxGuidance's: 1.5 on the source, 5.5 on the target (the reference's).\n\n"
+                   "Knobs: n_max, the two FluxGuidance values, n_avg, seed.")
+
+
 WORKFLOWS = [reconstruction_check, p2p_word_swap, p2p_refine, p2p_reweight, p2p_local_blend, masactrl_pose,
              pnp_photo_to_sketch, p2p_zero_cat_to_dog, null_text_p2p, negative_prompt_p2p, edict_edit, sdxl_edit, lora_controlnet_edit,
              save_inversion, load_inversion_many_targets, sd35_reconstruction_check, sd35_free_edit,
-             flux_reconstruction_check, flux_free_edit]
+             flux_reconstruction_check, flux_free_edit, sd35_flowedit, flux_flowedit]
 
 
 def build(nodes_module, folder: Path) -> list[Path]:

@@ -40,7 +40,8 @@ def test_the_expected_workflows_are_there():
                           "masactrl_pose", "pnp_photo_to_sketch", "null_text_p2p", "negative_prompt_p2p",
                           "edict_edit", "sdxl_edit", "lora_controlnet_edit", "save_inversion",
                           "load_inversion_many_targets", "p2p_zero_cat_to_dog", "sd35_reconstruction_check",
-                          "sd35_free_edit", "flux_reconstruction_check", "flux_free_edit"}
+                          "sd35_free_edit", "flux_reconstruction_check", "flux_free_edit", "sd35_flowedit",
+                          "flux_flowedit"}
 
 
 def _widgets_fit(node: dict, definition: dict, ui_to_api) -> list[str]:
@@ -127,6 +128,8 @@ def standing_in(prompt: dict, lora_name: str) -> dict:
             inputs.update(width=128, height=128)
         elif node["class_type"] == "DirectInversion_Invert":
             inputs["steps"] = EDIT_STEPS
+        elif node["class_type"] == "DirectInversion_FlowEdit":
+            inputs.update(steps=EDIT_STEPS, n_max=EDIT_STEPS - 1)
         elif node["class_type"] == "DirectInversion_PnPEditor":  # the tiny UNets' positions of the defaults
             inputs.update(feature_block=3, attention_from_block=1 if _is_sdxl(prompt) else 3)
     return prompt

@@ -5,11 +5,24 @@ images) and ``sdxl`` (SDXL's base UNet, 1024x1024 images). Weights are random: s
 their values. The output convolution is scaled by 0.1, so that inversion behaves as with a trained model (see
 tests/di_testing.py) and NT's inner loop does the same work as it would there.
 
+Flow-matching sizes (16-channel latents, ``FlowMatchEulerDiscreteScheduler``): ``tiny-sd3`` and ``tiny-flux`` (the
+tests' toy SD3 and Flux transformers of tests/flow_testing.py, 16x16 latents, CPU-friendly), ``sd35-medium``
+(SD3.5 medium's ``SD3Transformer2DModel``) and ``flux-dev`` (FLUX.1-dev's ``FluxTransformer2DModel``), both at
+1024x1024 images (128x128 latents), with their published configurations (``SD35_MEDIUM``, ``FLUX_DEV``) and random
+weights, the output projection scaled by 0.1 as the UNets' (the tiny ones are made so by flow_testing). Their
+prompts are random embeddings of the pipelines' shapes; the edit guides as each family is sampled (``FLOW_GUIDANCE``:
+SD3 with CFG 4.5 and a negative prompt, Flux dev with CFG 1 and embedded guidance 3.5). The real sizes are for a
+GPU (SD3.5 medium's 2.5e9 and Flux dev's 1.2e10 weights); on the ``meta`` device they build without memory.
+
 Backends: ``diffusers`` (the pack's diffusers adapter over ``UNet2DConditionModel``) and ``comfyui`` (the node
 path: a ComfyUI model of the same architecture -- the class ComfyUI's own model detection picks for the
 diffusers UNet at the real sizes -- run through the ComfyUI adapter, with ComfyUI's attention). SDXL's extra conditioning (pooled text embedding
 and size ids): ComfyUI takes it with each conditioning; for a diffusers UNet a forward pre-hook adds one
-constant set to every call (a pipeline's pooled embedding differs per prompt; the cost is the same).
+constant set to every call (a pipeline's pooled embedding differs per prompt; the cost is the same). Flow models
+in ComfyUI: ComfyUI's own conversion of the diffusers transformer's weights (``convert_diffusers_mmdit``, as its UNet
+loader runs on a diffusers file), its detection of the configuration and its model class (SD3 / Flux), as
+tests/flow_testing.py makes them, in the benchmark's dtype; Flux gets ComfyUI's ModelSamplingFlux node for the image
+size, so that both backends sample the same levels (the shift FluxPipeline computes for that size).
 """
 from __future__ import annotations
 
@@ -25,10 +38,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import di_testing  # noqa: E402  (the tests' tiny model and ComfyUI locator)
+import flow_testing  # noqa: E402  (the tests' tiny SD3 and Flux transformers, their schedulers)
 
-SIZES = ("tiny", "sd15", "sdxl")
+UNET_SIZES = ("tiny", "sd15", "sdxl")
+FLOW_SIZES = {"tiny-sd3": "sd3", "tiny-flux": "flux", "sd35-medium": "sd3", "flux-dev": "flux"}  # size: family
+SIZES = UNET_SIZES + tuple(FLOW_SIZES)
 BACKENDS = ("diffusers", "comfyui")
 OUT_SCALE = 0.1
+UNET_CFG = 7.5  # the UNet edits' classifier-free guidance
+# Each flow family's edit guidance, as it is sampled: (CFG, Flux's embedded guidance). SD3/SD3.5: CFG 4.5 with a
+# negative prompt (SD3.5 medium's suggested guidance); Flux dev: guidance-distilled, CFG 1 (no unconditional
+# prediction) with embedded guidance 3.5 (FluxPipeline's default guidance_scale, ComfyUI's default).
+FLOW_GUIDANCE = {"sd3": (4.5, None), "flux": (1.0, flow_testing.FLUX_GUIDANCE)}
 
 # SDXL base's UNet in diffusers' terms (its published config).
 SDXL_UNET = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -37,9 +58,36 @@ SDXL_UNET = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDow
                  cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
                  addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816)
-# (latent side, prompt tokens, context width, pooled width or None)
+# SD3.5 medium's transformer: stabilityai/stable-diffusion-3.5-medium, transformer/config.json (MMDiT-X: 24 joint
+# blocks of 24 heads of 64, the first 13 with a second, image-only attention; RMS-normed queries and keys;
+# positional embedding for up to 384x384 patches -- diffusers' single-file loader tells SD3.5 medium by that
+# table's 147456 = 384^2 rows). 2,243,171,520 parameters plus that 226,492,416-value table, which diffusers keeps as
+# a buffer and the checkpoint as a weight: 2.47e9 in all, the published "2.5B".
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                   qk_norm="rms_norm")
+# FLUX.1-dev's transformer: black-forest-labs/FLUX.1-dev, transformer/config.json -- diffusers'
+# FluxTransformer2DModel defaults (19 double and 38 single blocks of 24 heads of 128, RoPE axes 16+56+56, T5 context
+# 4096, CLIP-L pooled 768, 2x2-packed 16-channel latents: 64 input channels) with dev's guidance embedding.
+# 11,901,408,320 parameters (the published 12B; "11.9B" on its model page).
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+# (latent side, prompt tokens, context width, pooled width or None). SD3.5 / Flux dev at 1024x1024: the pipelines'
+# prompt lengths, StableDiffusion3Pipeline's 77 CLIP + 256 T5 tokens (max_sequence_length=256; CLIP-L and -G
+# side by side zero-padded to T5's 4096 channels; pooled: CLIP-L's 768 + CLIP-G's 1280) and FluxPipeline's 512 T5
+# tokens (max_sequence_length=512; pooled: CLIP-L's 768). (ComfyUI's own text encoders pad short prompts to fewer
+# tokens, SD3 154 and Flux 256; both backends get the same prompts here.)
 SHAPES = {"tiny": (16, di_testing.TOKENS, di_testing.CONTEXT_DIM, None), "sd15": (64, 77, 768, None),
-          "sdxl": (128, 77, 2048, 1280)}
+          "sdxl": (128, 77, 2048, 1280),
+          "tiny-sd3": (16, flow_testing.TOKENS, flow_testing.SD3_CONTEXT_DIM, flow_testing.SD3_POOLED_DIM),
+          "tiny-flux": (16, flow_testing.TOKENS, flow_testing.FLUX_CONTEXT_DIM, flow_testing.FLUX_POOLED_DIM),
+          "sd35-medium": (128, 77 + 256, 4096, 768 + 1280), "flux-dev": (128, 512, 4096, 768)}
+
+
+def is_flow(size: str) -> bool:
+    return size in FLOW_SIZES
 
 
 def diffusers_unet(size: str, device="cpu"):
@@ -60,6 +108,68 @@ def diffusers_unet(size: str, device="cpu"):
         unet.conv_out.weight.mul_(OUT_SCALE)
         unet.conv_out.bias.mul_(OUT_SCALE)
     return unet.eval()
+
+
+def diffusers_transformer(size: str, device="cpu"):
+    """A random-weight flow transformer of ``size`` (``SD3Transformer2DModel`` or ``FluxTransformer2DModel``) on
+    ``device`` (float32, eval mode), its output projection scaled by ``OUT_SCALE``."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if size == "tiny-sd3":
+        return flow_testing.tiny_diffusers_sd3(out_scale=OUT_SCALE).to(device)
+    if size == "tiny-flux":
+        return flow_testing.tiny_diffusers_flux(out_scale=OUT_SCALE).to(device)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs (Flux dev: 1.2e10 weights)
+        if size == "sd35-medium":
+            model = SD3Transformer2DModel(**SD35_MEDIUM)
+        elif size == "flux-dev":
+            model = FluxTransformer2DModel(**FLUX_DEV)
+        else:
+            raise ValueError(f"unknown flow size {size!r}; expected one of {tuple(FLOW_SIZES)}")
+    with torch.no_grad():
+        model.proj_out.weight.mul_(OUT_SCALE)
+        model.proj_out.bias.mul_(OUT_SCALE)
+    return model.eval()
+
+
+def comfy_flow_model(size: str, dtype: torch.dtype, device="cpu"):
+    """A ComfyUI ModelPatcher of flow ``size`` holding ``diffusers_transformer(size)``'s weights (made on ``device``),
+    by ComfyUI's conversion, detection and model class (as tests/flow_testing.py, with ``dtype`` for inference);
+    Flux with ComfyUI's ModelSamplingFlux node set for the benchmark's image size."""
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+
+    transformer = diffusers_transformer(size, device)
+    sd = comfy.model_detection.convert_diffusers_mmdit(dict(transformer.state_dict()), "")
+    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    family = FLOW_SIZES[size]
+    if family == "flux":  # ComfyUI reads parts of Flux's layout off the real model's sizes (see flow_testing)
+        config = transformer.config
+        unet_config.update({"hidden_size": config.num_attention_heads * config.attention_head_dim,
+                            "num_heads": config.num_attention_heads, "axes_dim": list(config.axes_dims_rope),
+                            "context_in_dim": config.joint_attention_dim, "vec_in_dim": config.pooled_projection_dim,
+                            "in_channels": config.in_channels // 4,
+                            "out_channels": (config.out_channels or config.in_channels) // 4})
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    expected = {"sd3": "SD3", "flux": "Flux"}[family]
+    if model_config is None or type(model_config).__name__ != expected:
+        raise RuntimeError(f"ComfyUI detects this {size} transformer as {type(model_config).__name__}, not {expected}")
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model(sd, "")  # on the offload device, as ComfyUI's loaders make it
+    model.diffusion_model.load_state_dict(model_config.process_unet_state_dict(sd), strict=True)
+    model.eval()
+    del transformer, sd
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    if family == "flux":
+        from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+        side = SHAPES[size][0] * 8
+        patched = ModelSamplingFlux().patch(patcher, max_shift=1.15, base_shift=0.5, width=side, height=side)
+        patcher = patched[0] if isinstance(patched, tuple) else patched.result[0]  # (ComfyUI 0.3.x / 0.3x)
+    return patcher
 
 
 def comfy_model(size: str, dtype: torch.dtype):
@@ -102,7 +212,8 @@ def import_comfyui(device: str) -> None:
 
 
 class Counted:
-    """Counts the latents a UNet module is evaluated on (a forward pre-hook: one per latent in each batch)."""
+    """Counts the latents a UNet or flow-transformer module is evaluated on (a forward pre-hook: one per latent in
+    each batch; Flux's packed latents in diffusers, ``[B, patches, 64]``, are one per batch row too)."""
 
     def __init__(self, module: torch.nn.Module):
         self.module, self.evaluations = module, 0
@@ -111,7 +222,7 @@ class Counted:
         module.register_forward_hook(self._end_range)
 
     def _count(self, module, args, kwargs):
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("x"))
+        sample = args[0] if args else next(kwargs[k] for k in ("sample", "hidden_states", "x") if k in kwargs)
         self.evaluations += sample.shape[0]
         self._ranges.append(torch.profiler.record_function("UNet"))  # under a profiler: the UNet's share of the time
         self._ranges[-1].__enter__()
@@ -136,16 +247,22 @@ def _sdxl_added_conditioning(pooled: torch.Tensor, side: int):
 
 class Bench:
     """One random-weight model of ``size`` behind ``backend``, with a latent and three prompts (source, target,
-    null); ``invert`` and ``edit`` run the pack's adapter, ``counted`` counts UNet sample-evaluations."""
+    null); ``invert`` and ``edit`` run the pack's adapter, ``counted`` counts the model's sample-evaluations.
+    ``cfg`` is the edit's guidance (UNets 7.5; flow models their family's, with Flux's embedded ``flux_guidance``)."""
 
     def __init__(self, size: str, backend: str, device: str, dtype: torch.dtype):
         self.size, self.backend, self.device, self.dtype = size, backend, device, dtype
+        self.flow = is_flow(size)
+        self.cfg, self.flux_guidance = FLOW_GUIDANCE[FLOW_SIZES[size]] if self.flow else (UNET_CFG, None)
         side, tokens, width, pooled_width = SHAPES[size]
         g = torch.Generator().manual_seed(1)
         embeds = [torch.randn(1, tokens, width, generator=g) for _ in range(3)]
         pooled = [torch.randn(1, pooled_width, generator=g) if pooled_width else None for _ in range(3)]
-        self.latent = torch.randn(1, 4, side, side, generator=g)
-        if backend == "diffusers":
+        channels = flow_testing.LATENT_CHANNELS if self.flow else 4
+        self.latent = torch.randn(1, channels, side, side, generator=g)
+        if self.flow:
+            self._flow_model(backend, embeds, pooled)
+        elif backend == "diffusers":
             from diffusers import DDIMScheduler
 
             from comfyui_direct_inversion.adapters import diffusers_backend
@@ -171,23 +288,67 @@ class Bench:
         else:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
+    def _flow_model(self, backend: str, embeds: list, pooled: list) -> None:
+        """The flow transformer behind ``backend``: diffusers' with its scheduler and ``(embeds, pooled)`` prompts, or
+        ComfyUI's (same weights) with CONDITIONING (Flux's carrying its embedded guidance) and the latent in
+        ComfyUI's latent space (``process_latent_out``: the adapter maps it back to the model's)."""
+        if backend == "diffusers":
+            from comfyui_direct_inversion.adapters import diffusers_backend
+
+            self.adapter = diffusers_backend
+            self.transformer = diffusers_transformer(self.size, self.device)
+            if self.dtype != torch.float32:  # (diffusers warns of any .to(dtype) on a transformer)
+                self.transformer.to(self.dtype)
+            make_scheduler = {"sd3": flow_testing.sd3_scheduler, "flux": flow_testing.flux_scheduler}
+            self.scheduler = make_scheduler[FLOW_SIZES[self.size]]()
+            self.source, self.target, self.null = ((e.to(self.device, self.dtype), p.to(self.device, self.dtype))
+                                                   for e, p in zip(embeds, pooled))
+            self.latent = self.latent.to(self.device)
+            self.counted = Counted(self.transformer)
+        elif backend == "comfyui":
+            from comfyui_direct_inversion.adapters import comfyui_backend
+
+            self.adapter = comfyui_backend
+            self.model = comfy_flow_model(self.size, self.dtype, self.device)
+            self.source, self.target, self.null = (flow_testing.comfy_flow_conditioning(e, p, self.flux_guidance)
+                                                   for e, p in zip(embeds, pooled))
+            self.latent = self.model.model.process_latent_out(self.latent)
+            self.counted = Counted(self.model.model.diffusion_model)
+        else:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
     @property
     def unet_module(self) -> torch.nn.Module:
+        """The counted model: the UNet, or the flow transformer."""
         return self.counted.module
 
     def invert(self, method: str, steps: int, options: Optional[dict] = None):
+        """The adapter's inversion. Flow models' null-text optimises for the edit's guidance (``cfg``; the UNets'
+        7.5 is null-text's default)."""
+        extra = {}
+        if self.flow:
+            if method == "null_text":
+                options = {"guidance": self.cfg, **(options or {})}
+            if self.backend == "diffusers":
+                extra = {"flux_guidance": self.flux_guidance}
         if self.backend == "diffusers":
-            return self.adapter.invert(self.unet, self.scheduler, self.latent, self.source, self.null, steps=steps,
-                                       method=method, options=options)
+            model = self.transformer if self.flow else self.unet
+            return self.adapter.invert(model, self.scheduler, self.latent, self.source, self.null, steps=steps,
+                                       method=method, options=options, **extra)
         return self.adapter.invert(self.model, self.latent, self.source, self.null, steps=steps, method=method,
                                    options=options).inversion
 
-    def edit(self, inversion, offsets: str = "source", editor=None, cfg: float = 7.5, target=None, negative=None):
-        """The adapter's edit; ``target`` and ``negative`` (conditioning in this backend's form) default to the
-        bench's target and null prompts."""
+    def edit(self, inversion, offsets: str = "source", editor=None, cfg: Optional[float] = None, target=None,
+             negative=None):
+        """The adapter's edit at ``cfg`` (default: the bench's); ``target`` and ``negative`` (conditioning in this
+        backend's form) default to the bench's target and null prompts."""
+        cfg = self.cfg if cfg is None else cfg
         target = self.target if target is None else target
         negative = self.null if negative is None else negative
         if self.backend == "diffusers":
+            if self.flow:
+                return self.adapter.edit(self.transformer, self.scheduler, inversion, target, negative, cfg=cfg,
+                                         offsets=offsets, editor=editor, flux_guidance=self.flux_guidance)
             return self.adapter.edit(self.unet, self.scheduler, inversion, target, negative, cfg=cfg,
                                      offsets=offsets, editor=editor)
         return self.adapter.direct_inversion(self.model, inversion, target, negative, cfg=cfg, offsets=offsets,
@@ -240,7 +401,7 @@ class Bench:
 def measure(once: Callable[[], dict], device: str, repeats: int, weights: torch.nn.Module) -> dict:
     """Runs ``once`` (which returns its own figures) once to warm up, then ``repeats`` times: median wall time,
     peak memory (CUDA's peak allocation on a GPU since the warm-up; the process's peak RSS on the CPU) and the
-    size of the UNet's weights."""
+    size of the model's weights (the UNet's or flow transformer's parameters)."""
 
     def timed():
         synchronize(device)

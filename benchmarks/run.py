@@ -1,8 +1,13 @@
-"""UNet sample-evaluations, time and memory per inversion method and editor, beside a reference-style loop.
+"""UNet (and flow-transformer) sample-evaluations, time and memory per inversion method and editor, beside a
+reference-style loop.
 
     python benchmarks/run.py                                   # tiny random-weight UNet on the CPU (minutes)
     python benchmarks/run.py --size sd15 --device cuda --dtype float16                    # SD1.5, 512x512
     python benchmarks/run.py --size sdxl --device cuda --dtype float16 --repeats 1        # SDXL, 1024x1024
+    python benchmarks/run.py --size tiny-sd3                   # tiny SD3 / Flux transformers on the CPU (minutes):
+    python benchmarks/run.py --size tiny-flux                  #   the flow rows, see below
+    python benchmarks/run.py --size sd35-medium --device cuda --dtype bfloat16 --repeats 1   # SD3.5 medium, 1024x1024
+    python benchmarks/run.py --size flux-dev --device cuda --dtype bfloat16 --repeats 1      # Flux dev, 1024x1024
     python benchmarks/run.py --backend comfyui ...            # through ComfyUI (needs a ComfyUI checkout)
 
 Every case is one inversion plus one edit of one image (cfg 7.5; but the forward + backward case, see below), run
@@ -34,6 +39,34 @@ probabilities materialised as a tensor at every attention layer (as its attentio
 
 The table ends with the issue's targets, each marked met or missed (and by how much) where this run's
 configuration is the one the target is set for. Figures go to a JSON file (--json).
+
+Flow rows (--size tiny-sd3 / tiny-flux / sd35-medium / flux-dev; benchmarks/harness.py has the models): the same
+measures, with the transformer's sample-evaluations counted (the JSON keeps the key names: "unet_evals" counts the
+transformer's), for FLOW_CASES: "euler + DI", "euler (DI off)", "rf_solver + DI" and, SD3 sizes only (Flux dev is
+guidance-distilled: sampled at CFG 1, where negative-prompt inversion is Euler's, and null-text is refused),
+"negative_prompt + DI" and "null_text + DI". No editors (they act on UNets). Every inversion runs at guidance 1
+(Flux: embedded guidance 3.5); the edit guides as the family is sampled, SD3 at CFG 4.5 with a negative prompt,
+Flux dev at CFG 1 with embedded guidance 3.5, and records the run's "cfg" and "flux_guidance" in the JSON. No
+targets are judged (they are set for SD1.5). A flow schedule of N steps has N + 1 distinct levels (sigma = 0,
+the image, then N training levels up to the top one), so no step has zero length and every one is evaluated
+(unlike DDIM's N - 1 above); with g the samples of one guided prediction (SD3: 2, unconditional and conditional;
+Flux at CFG 1: 1), per image:
+- euler + DI: N (inversion, one conditional sample a step) + N * 2g (the edit: the source's and the target's
+  guided predictions each step; with offsets "source" and no editor the source is still guided, since its
+  prediction gives the offset). SD3: 5N, Flux: 3N.
+- euler (DI off): the same as DI on (the offsets cost nothing: the source's prediction is made either way).
+- rf_solver + DI: RF-Solver's midpoint steps, two evaluations each, in the inversion and in both branches of the
+  edit: 2N + 2N * 2g. SD3: 10N, Flux: 6N.
+- negative_prompt + DI (SD3): N + 4N, as euler + DI (its source's unconditional input is the source prompt, a
+  guided prediction still of two samples).
+- null_text + DI (SD3): N + sum over the N steps of (2 + k_n) + 4N, where k_n <= --inner-steps (default 10) is the
+  step's inner Adam iterations before the early stop (one differentiable unconditional sample each, its backward
+  not a forward call), 2 the step's conditional prediction and its final unconditional one: an inversion of at
+  most 13N at 10 inner steps. The tiny SD3's prompts move its prediction little, so its losses start below the
+  early-stop threshold and every step stops after one iteration (4N, 200 at 50 steps): its row is null-text's
+  least cost; a trained model's early steps run more iterations.
+The diffusers and ComfyUI backends count the same (ComfyUI's model holds the diffusers one's weights, so even
+null-text's early stops agree).
 """
 from __future__ import annotations
 
@@ -48,7 +81,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import BACKENDS, SHAPES, SIZES, Bench, di_testing, import_comfyui, measure, synchronize  # noqa: E402
+from harness import (BACKENDS, FLOW_GUIDANCE, FLOW_SIZES, SHAPES, SIZES, Bench, di_testing,  # noqa: E402
+                     import_comfyui, is_flow, measure, synchronize)
 
 CASES = [  # (name, inversion method, editor, offsets)
     ("ddim + DI", "ddim", None, "source"),
@@ -69,8 +103,29 @@ CASES = [  # (name, inversion method, editor, offsets)
     ("reference loop (DI + P2P)", "reference", None, "source"),
 ]
 CASE_NAMES = [c[0] for c in CASES]
-NAME_WIDTH = max(len(name) for name in CASE_NAMES) + 2  # the table's case column
+FLOW_CASES = [  # the flow sizes' cases (SD3/SD3.5 and Flux: no editors), in the same form
+    ("euler + DI", "euler", None, "source"),
+    ("euler (DI off)", "euler", None, "off"),
+    ("rf_solver + DI", "rf_solver", None, "source"),
+    ("negative_prompt + DI", "negative_prompt", None, "source"),
+    ("null_text + DI", "null_text", None, "source"),
+]
+FLOW_CASE_NAMES = [c[0] for c in FLOW_CASES]
+# Cases of the SD3 family only: Flux dev is guidance-distilled and sampled at CFG 1, where negative-prompt inversion is
+# Euler inversion, and null-text (which fits CFG's unconditional input) is refused.
+SD3_ONLY = ("negative_prompt + DI", "null_text + DI")
+CASE_TABLE = {c[0]: c for c in CASES + FLOW_CASES}  # (the two tables' shared names are the same case)
+ALL_CASE_NAMES = list(CASE_TABLE)
+NAME_WIDTH = max(len(name) for name in ALL_CASE_NAMES) + 2  # the table's case column
 OURS, REFERENCE = "ddim + DI + P2P", "reference loop (DI + P2P)"
+
+
+def cases_for(size: str) -> list[str]:
+    """The cases a size runs (and may run): the UNet table's for UNet sizes, the flow table's for flow sizes (Flux's
+    without the SD3-only ones)."""
+    if not is_flow(size):
+        return list(CASE_NAMES)
+    return [name for name in FLOW_CASE_NAMES if FLOW_SIZES[size] == "sd3" or name not in SD3_ONLY]
 
 
 def make_editor(kind, size: str, bench: Bench):
@@ -155,7 +210,7 @@ def reference_loop(bench: Bench, steps: int, cfg: float = 7.5) -> None:
 
 
 def run_case(name: str, args) -> dict:
-    _, method, editor_kind, offsets = CASES[CASE_NAMES.index(name)]
+    _, method, editor_kind, offsets = CASE_TABLE[name]
     dtype = getattr(torch, args.dtype)
     backend = "diffusers" if method == "reference" else args.backend
     if backend == "comfyui":
@@ -232,7 +287,10 @@ TARGET_RUN = {"size": "sd15", "device": "cuda", "dtype": "float16", "steps": 50}
 
 def check_targets(results: dict, args) -> list[dict]:
     """The issue's targets against this run: measured value, limit, and met / missed-by where this run's
-    configuration is the one the target is set for (UNet evaluations: any device and precision at 50 steps)."""
+    configuration is the one the target is set for (UNet evaluations: any device and precision at 50 steps). They
+    are set for the SD1.5 UNet's cases: a flow size has none."""
+    if is_flow(args.size):
+        return []
     on_target_run = (args.size, args.device.split(":")[0], args.dtype, args.steps) == tuple(TARGET_RUN.values())
     rows = []
 
@@ -279,14 +337,23 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--inner-steps", type=int, default=0, help="null-text inner steps (default: the reference's 10)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cases", nargs="+", default=CASE_NAMES, choices=CASE_NAMES, metavar="CASE",
-                        help="cases to run (default: all): " + "; ".join(CASE_NAMES))
+    parser.add_argument("--cases", nargs="+", choices=ALL_CASE_NAMES, metavar="CASE",
+                        help="cases to run (default: all of the size's): UNet sizes: " + "; ".join(CASE_NAMES)
+                             + ". Flow sizes: " + "; ".join(FLOW_CASE_NAMES) + f" ({' and '.join(SD3_ONLY)}: "
+                             "SD3 sizes only)")
     parser.add_argument("--json", help="where to write the figures (default: benchmarks/results/"
                                        "<size>-<backend>-<device>-<dtype>.json)")
     parser.add_argument("--profile", action="store_true",
                         help="after measuring, profile one more run of each case (PyTorch profiler; tables on stderr)")
-    parser.add_argument("--one", choices=CASE_NAMES, help=argparse.SUPPRESS)  # internal: one case, JSON on stdout
-    return parser.parse_args(argv)
+    parser.add_argument("--one", choices=ALL_CASE_NAMES, help=argparse.SUPPRESS)  # internal: one case, JSON on stdout
+    args = parser.parse_args(argv)
+    allowed = cases_for(args.size)
+    if args.cases is None:
+        args.cases = allowed
+    wrong = [name for name in args.cases + ([args.one] if args.one else []) if name not in allowed]
+    if wrong:
+        parser.error(f"size {args.size} has no case {', '.join(map(repr, wrong))}; its cases: {'; '.join(allowed)}")
+    return args
 
 
 def child_command(name: str, args) -> list[str]:
@@ -304,12 +371,21 @@ def environment(args) -> dict:
 
 
 def print_table(results: dict, args, targets: list[dict]) -> None:
-    ref = results.get(REFERENCE)
-    base = results.get("ddim + DI")
-    print(f"\n{args.size} UNet ({args.backend}), {args.device}, {args.dtype}, {args.steps} steps: one inversion + one "
-          f"edit per image (cfg 7.5), median of {args.repeats}")
-    header = (f"{'case':<{NAME_WIDTH}}{'UNet evals (inv+edit)':>22}{'median s':>10}{'inv s':>8}{'x ddim+DI':>10}"
-              f"{'peak MiB':>10}{'ref/ours s':>11}{'ref/ours evals':>15}")
+    flow = is_flow(args.size)
+    ref = None if flow else results.get(REFERENCE)
+    base = results.get("euler + DI" if flow else "ddim + DI")
+    if flow:
+        family = FLOW_SIZES[args.size]
+        cfg, guidance = FLOW_GUIDANCE[family]
+        model = {"sd3": "SD3 transformer", "flux": "Flux transformer"}[family]
+        edit = f"cfg {cfg:g}, " + ("a negative prompt" if guidance is None else f"embedded guidance {guidance:g}")
+        evals_head, base_head, base_width = "evals (inv+edit)", "x euler+DI", 11
+    else:
+        model, edit, evals_head, base_head, base_width = "UNet", "cfg 7.5", "UNet evals (inv+edit)", "x ddim+DI", 10
+    print(f"\n{args.size} {model} ({args.backend}), {args.device}, {args.dtype}, {args.steps} steps: one inversion + "
+          f"one edit per image ({edit}), median of {args.repeats}")
+    header = (f"{'case':<{NAME_WIDTH}}{evals_head:>22}{'median s':>10}{'inv s':>8}{base_head:>{base_width}}"
+              f"{'peak MiB':>10}" + ("" if flow else f"{'ref/ours s':>11}{'ref/ours evals':>15}"))
     print(header)
     print("-" * len(header))
     for name, r in results.items():
@@ -319,9 +395,13 @@ def print_table(results: dict, args, targets: list[dict]) -> None:
         vs_ddim = f"{r['seconds_median'] / base['seconds_median']:.2f}" if base else "-"
         speed = f"{ref['seconds_median'] / r['seconds_median']:.2f}" if ref else "-"
         saved = f"{ref['unet_evals'] / r['unet_evals']:.2f}" if ref else "-"
-        print(f"{name:<{NAME_WIDTH}}{evals:>22}{r['seconds_median']:>10.3f}{inv_s:>8}{vs_ddim:>10}"
-              f"{r['peak_mib']:>10.0f}{speed:>11}{saved:>15}")
+        print(f"{name:<{NAME_WIDTH}}{evals:>22}{r['seconds_median']:>10.3f}{inv_s:>8}{vs_ddim:>{base_width}}"
+              f"{r['peak_mib']:>10.0f}" + ("" if flow else f"{speed:>11}{saved:>15}"))
     first = next(iter(results.values()))
+    if flow:
+        print(f"(peak: {first['peak_kind']}; transformer weights {first['weights_mib']:.1f} MiB)")
+        print("\ntargets: none (they are set for the SD1.5 UNet)")
+        return
     print(f"(peak: {first['peak_kind']}; UNet weights {first['weights_mib']:.0f} MiB; reference loop in float32)")
     print("\ntargets:" if targets else "\ntargets: none of their cases ran")
     for t in targets:
@@ -348,8 +428,10 @@ def main(argv=None) -> dict:
     print_table(results, args, targets)
     path = Path(args.json or Path(__file__).parent / "results" /
                 f"{args.size}-{args.backend}-{args.device.replace(':', '')}-{args.dtype}.json")
-    report = {"run": {k: getattr(args, k) for k in ("size", "backend", "device", "dtype", "steps", "repeats",
-                                                      "inner_steps")},
+    run = {k: getattr(args, k) for k in ("size", "backend", "device", "dtype", "steps", "repeats", "inner_steps")}
+    if is_flow(args.size):  # the edit's guidance (UNet sizes: cfg 7.5 throughout)
+        run["cfg"], run["flux_guidance"] = FLOW_GUIDANCE[FLOW_SIZES[args.size]]
+    report = {"run": run,
               "environment": environment(args), "cases": list(results.values()), "targets": targets}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -299,3 +299,187 @@ def test_sdxl_layout_runs_every_editor_and_the_reference(bench_run, monkeypatch)
     assert evals == {"ddim + DI + P2P": steps + 3 * steps, "ddim + DI + MasaCtrl": steps + 4 * steps,
                      "ddim + DI + PnP": steps + 3 * steps, "ddim + DI + P2P-Zero": steps + 4 * steps,
                      "one forward + backward (latent grad)": 1, "reference loop (DI + P2P)": 9 * 3}
+
+
+# -- flow sizes ------------------------------------------------------------------------------------------------------
+# Parameter counts of the published transformers: SD3.5 medium's (stabilityai/stable-diffusion-3.5-medium: its
+# parameters plus the 384x384-patch positional-embedding table, a buffer in diffusers and a weight in the
+# checkpoint, 2.47e9 in all, the published "2.5B") and FLUX.1-dev's (black-forest-labs/FLUX.1-dev, "12B").
+PUBLISHED_FLOW = {"sd35-medium": (2_243_171_520, 2_469_663_936, "SD3"),
+                  "flux-dev": (11_901_408_320, 11_901_408_320, "Flux")}  # parameters, checkpoint values, ComfyUI
+
+
+@pytest.fixture(scope="module")
+def meta_transformers(harness):
+    """The real-size flow transformers on the meta device (shapes only); SD3.5's positional table takes seconds."""
+    return {size: harness.diffusers_transformer(size, "meta") for size in PUBLISHED_FLOW}
+
+
+@pytest.mark.parametrize("size", list(PUBLISHED_FLOW))
+def test_flow_benchmark_sizes_are_the_published_transformers(harness, meta_transformers, size):
+    model = meta_transformers[size]
+    parameters, stored, _ = PUBLISHED_FLOW[size]
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert sum(t.numel() for t in model.state_dict().values()) == stored
+    side, tokens, width, pooled = harness.SHAPES[size]
+    config = model.config
+    assert side * 8 == 1024 and (width, pooled) == (config.joint_attention_dim, config.pooled_projection_dim)
+    if size == "sd35-medium":  # 64x64 patches of a 128x128 latent, within the positional table
+        assert config.sample_size == side and side // config.patch_size <= config.pos_embed_max_size
+        assert tokens == 77 + 256 and type(model).__name__ == "SD3Transformer2DModel"
+    else:
+        assert config.guidance_embeds and tokens == 512 and type(model).__name__ == "FluxTransformer2DModel"
+
+
+def test_flow_tiny_sizes_are_the_tests_models(harness):
+    import flow_testing
+
+    for size, make in (("tiny-sd3", flow_testing.tiny_diffusers_sd3), ("tiny-flux", flow_testing.tiny_diffusers_flux)):
+        ours, theirs = harness.diffusers_transformer(size).state_dict(), make().state_dict()
+        assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), size
+    assert [s for s in harness.SIZES if harness.is_flow(s)] == ["tiny-sd3", "tiny-flux", "sd35-medium", "flux-dev"]
+
+
+@pytest.mark.parametrize("size", list(PUBLISHED_FLOW))
+def test_comfyui_recognises_the_flow_benchmark_transformers(comfyui_path, meta_transformers, size):
+    import comfy.model_detection
+
+    state = dict(meta_transformers[size].state_dict())
+    converted = comfy.model_detection.convert_diffusers_mmdit(state, "")
+    assert not state  # every diffusers weight has its ComfyUI place
+    config = comfy.model_detection.model_config_from_unet_config(
+        comfy.model_detection.detect_unet_config(converted, ""), converted)
+    assert type(config).__name__ == PUBLISHED_FLOW[size][2]
+    assert sum(t.numel() for t in converted.values()) == PUBLISHED_FLOW[size][1]
+
+
+def test_flow_cases_follow_the_size(bench_run):
+    assert bench_run.parse_args([]).cases == bench_run.CASE_NAMES  # UNet sizes: their cases, unchanged
+    sd3 = ["euler + DI", "euler (DI off)", "rf_solver + DI", "negative_prompt + DI", "null_text + DI"]
+    for size in ("tiny-sd3", "sd35-medium"):
+        assert bench_run.parse_args(["--size", size]).cases == sd3
+    for size in ("tiny-flux", "flux-dev"):
+        assert bench_run.parse_args(["--size", size]).cases == sd3[:3]
+    for argv in (["--size", "tiny-flux", "--cases", "null_text + DI"], ["--size", "tiny-sd3", "--cases", "ddim + DI"],
+                 ["--cases", "euler + DI"]):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            bench_run.parse_args(argv)
+    assert bench_run.check_targets({}, bench_run.parse_args(["--size", "sd35-medium", "--device", "cuda"])) == []
+
+
+FLOW_SETUP = {"euler + DI": ("euler", "source"), "euler (DI off)": ("euler", "off"),
+              "rf_solver + DI": ("rf_solver", "source"), "negative_prompt + DI": ("negative_prompt", "source"),
+              "null_text + DI": ("null_text", "source")}
+
+
+def _flow_rows(bench_run, backend: str) -> dict:
+    """Every flow case of both tiny sizes, in this process, checked against the count formulas of the command's
+    documentation (N steps, none of zero length; g samples per guided prediction: SD3 at CFG 4.5 2, Flux at CFG 1
+    1), with the table the command prints of them."""
+    n = STEPS
+    rows = {}
+    for size, g in (("tiny-sd3", 2), ("tiny-flux", 1)):
+        args = bench_run.parse_args(["--size", size, "--steps", str(n), "--repeats", "1", "--backend", backend])
+        rows[size] = {name: bench_run.run_case(name, args) for name in args.cases}
+        expected = {"euler + DI": (n, n + 2 * g * n), "euler (DI off)": (n, n + 2 * g * n),
+                    "rf_solver + DI": (2 * n, 2 * n + 2 * 2 * g * n), "negative_prompt + DI": (n, n + 2 * g * n)}
+        for name, row in rows[size].items():
+            assert (row["method"], row["offsets"]) == FLOW_SETUP[name] and row["editor"] is None
+            assert (row["backend"], row["size"], row["steps"]) == (backend, size, n)
+            assert set(row) == CASE_FIELDS | INVERSION_FIELDS, name
+            assert len(row["seconds_all"]) == 1 and _finite(row["seconds_median"]) and row["seconds_median"] > 0
+            assert _finite(row["peak_mib"]) and row["peak_mib"] > row["weights_mib"] > 0
+            if name == "null_text + DI":  # N + sum(2 + k_n), 0 < k_n <= 10 (early stops), then the edit's 4N
+                assert n + 3 * n <= row["unet_evals_inversion"] <= n + 12 * n
+                assert row["unet_evals"] - row["unet_evals_inversion"] == 2 * g * n
+            else:
+                assert (row["unet_evals_inversion"], row["unet_evals"]) == expected[name], (size, name)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            bench_run.print_table(rows[size], args, bench_run.check_targets(rows[size], args))
+        out = printed.getvalue()
+        assert ("SD3 transformer" if g == 2 else "Flux transformer") in out and "ref/ours" not in out
+        assert "targets: none" in out
+        for name, row in rows[size].items():
+            line = next(line for line in out.splitlines() if line.startswith(name + " "))
+            inv = row["unet_evals_inversion"]
+            assert line[bench_run.NAME_WIDTH:bench_run.NAME_WIDTH + 22].strip() == \
+                f"{inv} + {row['unet_evals'] - inv} = {row['unet_evals']}", line
+    assert list(rows["tiny-flux"]) == ["euler + DI", "euler (DI off)", "rf_solver + DI"]
+    return rows
+
+
+def _null_text_count(harness, backend: str) -> int:
+    """Null-text's inversion on the tiny SD3 counts N (Euler at guidance 1) + per step 2 + its inner iterations,
+    which the inversion records (a loss per iteration)."""
+    bench = harness.Bench("tiny-sd3", backend, "cpu", torch.float32)
+    inversion = bench.invert("null_text", STEPS)
+    inner = int((~torch.isnan(inversion.extras["null_text_losses"])).sum())
+    assert inversion.options["guidance"] == 4.5 and 0 < inner <= 10 * STEPS  # fitted for the edit's CFG
+    assert bench.counted.evaluations == STEPS + 2 * STEPS + inner
+    return bench.counted.evaluations
+
+
+@pytest.fixture(scope="module")
+def flow_rows_diffusers(bench_run):
+    return _flow_rows(bench_run, "diffusers")
+
+
+def test_flow_counts_diffusers(harness, flow_rows_diffusers):
+    _null_text_count(harness, "diffusers")
+
+
+def test_flow_counts_comfyui_as_diffusers(comfyui_path, bench_run, harness, flow_rows_diffusers):
+    rows = _flow_rows(bench_run, "comfyui")
+    for size, cases in rows.items():
+        for name, row in cases.items():  # the same weights: the same counts, null-text's early stops included
+            theirs = flow_rows_diffusers[size][name]
+            assert (row["unet_evals_inversion"], row["unet_evals"]) == \
+                (theirs["unet_evals_inversion"], theirs["unet_evals"]), (size, name)
+            assert row["weights_mib"] == pytest.approx(theirs["weights_mib"], rel=1e-12)
+    assert _null_text_count(harness, "comfyui") == _null_text_count(harness, "diffusers")
+
+
+def test_flow_benchmark_report(bench_run, tmp_path):
+    """The command end to end on a flow size (its case in a process of its own): the report's run records the edit's
+    guidance, no targets, the figures of the rows above."""
+    path = tmp_path / "flux.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        returned = bench_run.main(["--size", "tiny-flux", "--steps", str(STEPS), "--repeats", "1", "--json", str(path),
+                                   "--cases", "rf_solver + DI"])
+    report = json.loads(path.read_text())
+    assert report == returned and report["targets"] == []
+    assert report["run"] == {"size": "tiny-flux", "backend": "diffusers", "device": "cpu", "dtype": "float32",
+                             "steps": STEPS, "repeats": 1, "inner_steps": 0, "cfg": 1.0, "flux_guidance": 3.5}
+    (case,) = report["cases"]
+    assert (case["case"], case["unet_evals_inversion"], case["unet_evals"]) == ("rf_solver + DI", 2 * STEPS, 6 * STEPS)
+    assert case["peak_kind"] == "process peak RSS" and case["weights_mib"] + 50 < case["peak_mib"]
+
+
+def _shrunk_real_flow_layouts(bench_run, monkeypatch, backend: str) -> None:
+    """The real flow sizes' paths (configured transformers, SD3.5's MMDiT-X dual attention and RMS-normed queries and
+    keys, ComfyUI's detection of them, Flux dev's guidance embedding) on shrunk layouts, so that the GPU command does
+    not meet them for the first time: their counts are the tiny sizes'."""
+    harness = sys.modules[bench_run.Bench.__module__]
+    monkeypatch.setattr(harness, "SD35_MEDIUM", dict(harness.SD35_MEDIUM, sample_size=16, num_layers=2,
+                                                     num_attention_heads=2, caption_projection_dim=128,
+                                                     joint_attention_dim=64, pooled_projection_dim=32,
+                                                     pos_embed_max_size=16, dual_attention_layers=(0,)))
+    monkeypatch.setattr(harness, "FLUX_DEV", dict(harness.FLUX_DEV, num_layers=1, num_single_layers=1,
+                                                  num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6),
+                                                  joint_attention_dim=32, pooled_projection_dim=16))
+    monkeypatch.setitem(harness.SHAPES, "sd35-medium", (16, 8, 64, 32))
+    monkeypatch.setitem(harness.SHAPES, "flux-dev", (16, 8, 32, 16))
+    for size, g in (("sd35-medium", 2), ("flux-dev", 1)):
+        assert sum(p.numel() for p in harness.diffusers_transformer(size, "meta").parameters()) < 5e6
+        args = bench_run.parse_args(["--size", size, "--steps", str(STEPS), "--repeats", "1", "--backend", backend])
+        row = bench_run.run_case("euler + DI", args)
+        assert (row["unet_evals_inversion"], row["unet_evals"]) == (STEPS, STEPS + 2 * g * STEPS), size
+
+
+def test_real_flow_layouts_run(bench_run, monkeypatch):
+    _shrunk_real_flow_layouts(bench_run, monkeypatch, "diffusers")
+
+
+def test_real_flow_layouts_run_comfyui(comfyui_path, bench_run, monkeypatch):
+    _shrunk_real_flow_layouts(bench_run, monkeypatch, "comfyui")

@@ -337,13 +337,29 @@ def test_comfyui_wrong_family_saved_files_and_cancel(comfy_backend, model, conds
     assert (after.source - latent).abs().max().item() <= 1e-5
 
 
+def run_with_ticks(graph: dict):
+    """Run an API prompt that must succeed through ComfyUI's executor; returns it and the progress ticks (value,
+    total) of the run."""
+    import comfy.utils
+    from test_comfyui_executor import run_prompt
+
+    ticks = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: ticks.append((value, total)))
+    try:
+        executor, _, validation = run_prompt(graph)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert validation[0], validation
+    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    return executor, ticks
+
+
 @pytest.mark.parametrize("kind", list(FAMILIES))
 def test_executor_inverts_and_edits_flow_checkpoints(comfy_env, every_progress_tick, kind):
     """Through ComfyUI's executor, from a checkpoint loader's stand-in and real text encoding (Flux: through
     FluxGuidance): Invert (rf_solver) and the Direct Inversion Sampler reconstruct the VAE's latent exactly, one
     progress tick per step on each node."""
-    import comfy.utils
-    from test_comfyui_executor import output_of, run_prompt
+    from test_comfyui_executor import output_of
 
     checkpoint = "DITest_TinySD3Checkpoint" if kind == "sd3" else "DITest_TinyFluxCheckpoint"
     source_in, target_in = (["11", 0], ["12", 0]) if kind == "flux" else (["4", 0], ["5", 0])  # Flux: FluxGuidance
@@ -366,14 +382,7 @@ def test_executor_inverts_and_edits_flow_checkpoints(comfy_env, every_progress_t
     if kind == "flux":
         graph["11"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}}
         graph["12"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": 3.5}}
-    ticks = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: ticks.append((value, total)))
-    try:
-        executor, _, validation = run_prompt(graph)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-    assert validation[0], validation
-    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    executor, ticks = run_with_ticks(graph)
     encoded = output_of(executor, "3", 0)["samples"]
     edited, source = output_of(executor, "8", 0)["samples"], output_of(executor, "8", 1)["samples"]
     assert encoded.shape[1] == 16

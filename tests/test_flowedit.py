@@ -7,7 +7,7 @@ import torch
 
 import di_testing as T
 import flow_testing as F
-from test_flow_inversion import build, comfy_conds, comfy_flow, flow_latent
+from test_flow_inversion import build, comfy_conds, comfy_flow, flow_latent, run_with_ticks
 
 
 class Analytic:
@@ -125,7 +125,6 @@ def test_backends_agree(comfy_backend, diffusers_backend, kind):
 
 
 def test_node_in_the_executor(comfy_env, every_progress_tick):
-    import comfy.utils
     from test_comfyui_executor import output_of, run_prompt
 
     graph = {
@@ -142,14 +141,7 @@ def test_node_in_the_executor(comfy_env, every_progress_tick):
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["2", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "di_flowedit"}},
     }
-    ticks = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: ticks.append((value, total)))
-    try:
-        executor, _, validation = run_prompt(graph)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-    assert validation[0], validation
-    assert "execution_success" in [e for e, _ in executor.status_messages], executor.status_messages[-2:]
+    executor, ticks = run_with_ticks(graph)
     encoded, edited = output_of(executor, "3", 0)["samples"], output_of(executor, "7", 0)["samples"]
     assert edited.shape == encoded.shape and (edited - encoded).abs().max() > 1e-3
     assert [v for v, t in ticks if t == 4] == [1, 2, 3, 4]

@@ -190,6 +190,7 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
         log.info("[DirectInversion] %s reconstructs exactly without offsets; offsets=%s does not apply.",
                  inversion.method, offsets)
     plan = method.plan(inversion, cfg, negative, editor, lerp=lerp_conditioning)
+    _warn_distilled_cfg(model, plan.guidance)
     if plan.guidance != cfg:
         log.info("[DirectInversion] %s edits use the inversion's guidance %.2f; cfg %.2f does not apply.",
                  inversion.method, plan.guidance, cfg)
@@ -230,6 +231,12 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
                                  step_stats=held.get("stats"))
 
 
+def _warn_distilled_cfg(model, cfg: float) -> None:
+    if cfg != 1.0 and guidance_distilled(model):
+        log.warning("[DirectInversion] Flux is guidance-distilled: cfg %.2f runs classifier-free guidance on it (twice "
+                    "the cost, usually worse). Use cfg 1 and set the guidance with FluxGuidance.", cfg)
+
+
 def _on_device(inversion: Inversion, device) -> Inversion:
     return replace(inversion, z_star=inversion.z_star.to(device),
                    extras={k: v.to(device) for k, v in inversion.extras.items()})
@@ -248,6 +255,8 @@ def flow_edit(model, latent: torch.Tensor, source, target, negative, steps: int 
     check_latent_values("latent to edit", latent)
     for name, cfg in (("source", source_cfg), ("target", target_cfg)):
         check_number(f"FlowEdit's {name} cfg", cfg, 0.0, 100.0)
+    for cfg in (source_cfg, target_cfg):
+        _warn_distilled_cfg(model, cfg)
     sigmas, _ = schedule(model, steps)
     if settings.n_max > steps:
         raise ValueError(f"FlowEdit's n_max ({settings.n_max}) cannot exceed its steps ({steps}).")

@@ -3,6 +3,7 @@ checks a conditioning must pass before it reaches one."""
 from __future__ import annotations
 
 import hashlib
+from typing import Optional
 
 import torch
 
@@ -57,7 +58,7 @@ def model_space(model) -> Space:
     if discrete_vp:
         return VP
     if isinstance(ms, sampling.CONST) and isinstance(ms, (sampling.ModelSamplingDiscreteFlow, sampling.ModelSamplingFlux)):
-        return FLOW
+        return FLOW  # SD3/SD3.5 and Flux (tested); other image models sampled so (AuraFlow, Lumina 2...) untested
     raise ValueError(
         f"Inversion needs a discrete-timestep eps- or v-prediction model (SD1.x, SD2.x, SDXL) or a flow-matching model "
         f"(SD3/SD3.5, Flux); this model ({type(model.model.model_config).__name__}) samples with {type(ms).__name__}."
@@ -75,10 +76,21 @@ def schedule(model, steps: int) -> tuple[torch.Tensor, list[int]]:
     return model_space(model).trajectory(_model_sampling(model).sigmas, steps)
 
 
+def context_width(model) -> Optional[int]:
+    """The prompt-embedding width the model takes: a UNet's cross-attention ``context_dim``, SD3's context embedder's
+    input, Flux's ``context_in_dim`` (None where the config does not say)."""
+    config = model.model.model_config.unet_config
+    embedder = config.get("context_embedder_config") or {}
+    for width in (config.get("context_dim"), config.get("context_in_dim"), embedder.get("params", {}).get("in_features")):
+        if width is not None:
+            return int(width)
+    return None
+
+
 def check_conditioning(model, name: str, conditioning) -> None:
     if not isinstance(conditioning, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2 for c in conditioning):
         raise TypeError(f"The {name} conditioning is not a ComfyUI CONDITIONING (a list of [tensor, dict] pairs).")
-    width = model.model.model_config.unet_config.get("context_dim")
+    width = context_width(model)
     for embeds, _ in conditioning:
         if width is not None and embeds.shape[-1] != width:
             raise ValueError(f"The {name} conditioning has width {embeds.shape[-1]} but this model's cross-attention "

@@ -30,7 +30,8 @@ LEVEL_OPTION = "direct_inversion_level"
 
 def _with_context(processed: list, context: torch.Tensor) -> list:
     """Processed conds whose cross-attention context is replaced (null-text embeddings)."""
-    return [{**c, "model_conds": {**c["model_conds"], "c_crossattn": comfy.conds.CONDCrossAttn(context)}}
+    # the cond's own class: SD3 and Flux take their context as CONDRegular, which never pads it to another length
+    return [{**c, "model_conds": {**c["model_conds"], "c_crossattn": c["model_conds"]["c_crossattn"]._copy_with(context)}}
             for c in processed]
 
 

@@ -255,7 +255,8 @@ def invert(unet, scheduler, latent: torch.Tensor, prompt_embeds, negative_embeds
     ``options`` overrides the method's defaults, see ``inversion.methods``).
 
     UNets: DDIM's schedule; SD3/Flux: the scheduler's shifted flow levels, evenly spaced from the top as ComfyUI's
-    ``simple`` scheduler takes them (Flux: shifted for the latent's size, as ``FluxPipeline``). ``flux_guidance`` is
+    ``simple`` scheduler takes them (Flux: shifted for the latent's size, as ``FluxPipeline``; ComfyUI's Flux shifts
+    so only with its ModelSamplingFlux node set to the image size). ``flux_guidance`` is
     Flux dev's embedded guidance (3.5 if not given; recorded in the conditioning). Null-text starts from
     ``negative_embeds`` (the empty prompt's embeddings) and EDICT guides with it.
     """

@@ -233,7 +233,7 @@ class SD3Net(_FlowNet):
         dtype = self.model.dtype
         context, pooled, _ = self._parts(conds, z.shape[0], z.device)
         x = torch.cat([z] * len(conds))
-        timestep = (sigma * 1000.0).to(dtype).expand(x.shape[0])
+        timestep = (sigma.float() * 1000.0).expand(x.shape[0])  # float32, as the SD3 pipeline and ComfyUI embed it
         out = self.model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=context.to(dtype),
                          pooled_projections=pooled.to(dtype)).sample
         return out.to(z.dtype)

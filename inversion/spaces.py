@@ -108,16 +108,20 @@ class _Flow(Space):
 
 def flow_sigmas(train_sigmas: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[int]]:
     """ComfyUI's ``simple`` schedule of a flow model, ascending: 0, then the training levels at indices
-    ``n - 1 - int(k n / steps)`` for k = steps-1 .. 0 (``n`` training levels; the top one is the model's sigma_max).
+    ``n - 1 - int(k * (n / steps))`` for k = steps-1 .. 0 (``n`` training levels; the top one is the model's
+    sigma_max), in ComfyUI's floating-point arithmetic, so the same levels for every step count.
     (diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` spaces the time down to its smallest training level
-    instead; the diffusers adapter takes this schedule too, so both backends visit the same levels.)"""
+    instead; the diffusers adapter takes this schedule too, so both backends visit the same levels where their
+    training levels are the same function of t and ``steps`` picks the same t from both grids -- e.g. SD3 always,
+    Flux with ComfyUI's ModelSamplingFlux set to the image size and ``steps`` dividing 1000.)"""
     train_sigmas = train_sigmas.detach().to("cpu", torch.float64).flatten()
     n = train_sigmas.numel()
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if steps > n:
         raise ValueError(f"steps ({steps}) cannot exceed the model's {n} training levels")
-    timesteps = sorted(n - 1 - int(k * n / steps) for k in range(steps))
+    stride = n / steps  # as comfy.samplers.simple_scheduler computes it
+    timesteps = sorted(n - 1 - int(k * stride) for k in range(steps))
     sigmas = torch.cat([train_sigmas.new_zeros(1), train_sigmas[timesteps]])
     return sigmas, timesteps
 

@@ -17,7 +17,7 @@ Metadata key ``"inversion"``: a JSON object with exactly these fields
     model_family  a string                         fingerprint   a string
     latent_shape  non-empty list of positive ints
     space         optional: ``"vp"`` or ``"flow"`` (the model family's parametrisation); absent means ``"vp"``
-                  (files written before flow models were supported)
+                  (written for flow models only, so VP files stay readable by versions before flow models)
     conditioning  an embedding ``{"$tensor": "conditioning.<n>"}`` or a list of ``[embedding, object]`` pairs
                   (diffusers / ComfyUI CONDITIONING); every ``{"$tensor": key}`` inside names a tensor of the
                   file whose name starts with ``conditioning.``
@@ -107,10 +107,11 @@ def save_inversion(inversion: Inversion, path: str) -> None:
         "model_family": inversion.model_family,
         "fingerprint": inversion.fingerprint,
         "latent_shape": list(inversion.latent_shape),
-        "space": inversion.space,
         "conditioning": _encode(inversion.conditioning, tensors, "conditioning", dropped),
         "negative": _encode(inversion.negative, tensors, "negative", dropped),
     }
+    if inversion.space != "vp":  # VP files keep the fields earlier versions read
+        meta["space"] = inversion.space
     if dropped:
         log.warning("[DirectInversion] not saved (cannot be stored in a file): %s", ", ".join(dropped))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

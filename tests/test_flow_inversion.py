@@ -391,3 +391,70 @@ def test_executor_inverts_and_edits_flow_checkpoints(comfy_env, every_progress_t
     inversion = output_of(executor, "7", 0)
     assert inversion.space == "flow" and inversion.method == "rf_solver"
     assert [v for v, t in ticks if t == 5] == list(range(1, 6)) * 2  # Invert's five steps, then the sampler's
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_schedule_is_comfyuis_simple_scheduler_for_every_step_count(comfy_backend, kind):
+    """Invert's levels are the ones KSampler's "simple" scheduler samples, for any step count (ComfyUI's own function,
+    its floating-point stride included: at 38 of 1000 levels a k * n / steps stride would pick another level)."""
+    import comfy.samplers
+
+    model = comfy_flow(kind, FAMILIES[kind][0]())
+    model_sampling = model.get_model_object("model_sampling")
+    for steps in [1, 2, 7, 8, 28, 30, 38, 50, 76, 95, 132, 152, 190]:
+        ours, _ = comfy_backend.schedule(model, steps)
+        theirs = comfy.samplers.simple_scheduler(model_sampling, steps)
+        assert torch.equal(ours.flip(0).to(torch.float32), theirs), steps
+
+
+def test_comfyui_flow_checks_and_warnings(comfy_backend, caplog, tmp_path):
+    """A prompt encoded for another model is refused by width on SD3 and Flux; CFG on Flux is warned about; a saved
+    VP inversion keeps the fields earlier versions read (no "space"), a flow one records it."""
+    import json
+
+    from safetensors import safe_open
+
+    from comfyui_direct_inversion.inversion.storage import save_inversion
+
+    for kind in FAMILIES:
+        s = build(kind)
+        model = comfy_flow(kind, s["model"])
+        conds = comfy_conds(s)
+        wrong = F.comfy_flow_conditioning(torch.zeros(1, 4, 7), s["source"][1])
+        with torch.inference_mode():
+            latent = model.model.process_latent_out(s["z0"])
+            with pytest.raises(ValueError, match="source conditioning has width 7 but this model's cross-attention "
+                                                 "expects"):
+                comfy_backend.invert(model, latent, wrong, conds["null"], steps=2, method="euler")
+            inv = comfy_backend.invert(model, latent, conds["source"], conds["null"], steps=2, method="euler")
+            caplog.clear()
+            comfy_backend.direct_inversion(model, inv.inversion, conds["target"], conds["null"], cfg=2.0)
+        warned = "Flux is guidance-distilled: cfg 2.00" in caplog.text
+        assert warned == (kind == "flux")
+    path = str(tmp_path / "space_check.safetensors")
+    save_inversion(inv.inversion, path)
+    with safe_open(path, framework="pt") as handle:
+        assert json.loads(handle.metadata()["inversion"])["space"] == "flow"
+    vp = T.comfy_model_from_diffusers(T.tiny_diffusers_unet())
+    with torch.inference_mode():
+        vp_inv = comfy_backend.invert(vp, vp.model.process_latent_out(T.image_like_latent()),
+                                      T.comfy_conditioning(T.prompt_embeds(1)), T.comfy_conditioning(T.prompt_embeds(3)),
+                                      steps=2).inversion
+    save_inversion(vp_inv, path)
+    with safe_open(path, framework="pt") as handle:
+        assert "space" not in json.loads(handle.metadata()["inversion"])
+
+
+def test_sd3_timestep_is_embedded_in_float32(diffusers_backend):
+    """In half precision the diffusers SD3 path still passes the timestep in float32 (as the SD3 pipeline and ComfyUI
+    embed it: bf16 would round 1000 sigma by up to 2)."""
+    s = build("sd3")
+    model = s["model"].to(torch.bfloat16)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["timestep"].dtype),
+                                             with_kwargs=True)
+    try:
+        diffusers_backend.invert(model, s["scheduler"], s["z0"], s["source"], steps=2, method="euler")
+    finally:
+        handle.remove()
+    assert seen and all(dtype == torch.float32 for dtype in seen)

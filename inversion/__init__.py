@@ -21,7 +21,7 @@ from .methods import (
 )
 from .null_text import NullTextOptions, NullTextResult, autograd_weights, optimize_null_text
 from .schedule import alpha_bar, ddim_sigmas, ddim_step, ddim_timesteps, eps_to_x0
-from .solvers import SOLVERS, Euler, Midpoint
+from .solvers import Euler, Midpoint
 from .spaces import FLOW, SPACES, VP, Space, flow_sigmas, space_named
 from .types import (
     BRANCH_SOURCE,
@@ -44,7 +44,7 @@ from .types import (
 )
 
 __all__ = [
-    "FLOW", "FlowEditOptions", "SOLVERS", "flow_edit", "SPACES", "VP", "EditPlan", "Euler", "InversionMethod", "Midpoint", "Space", "flow_sigmas",
+    "FLOW", "FlowEditOptions", "flow_edit", "SPACES", "VP", "EditPlan", "Euler", "InversionMethod", "Midpoint", "Space", "flow_sigmas",
     "method_named", "methods_for", "space_named",
     "BRANCH_SOURCE", "BRANCH_TARGET", "METHODS", "OFFSET_CHOICES", "OFFSET_MODES", "PROXIMAL_MODES",
     "DdimOptions", "Denoiser", "DirectInversionResult", "EdictOptions", "EditController", "Inversion", "NegativePromptOptions",

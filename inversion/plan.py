@@ -10,7 +10,6 @@ conditionings (negative-prompt's interpolation) the adapter passes its own ``ler
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -23,8 +22,6 @@ from .spaces import SPACES, VP, Space, space_named
 from .types import Denoiser, DirectInversionResult, EditController, Inversion, StepCallback, check_number
 
 __all__ = ["EditPlan", "InversionMethod", "NoOptions", "TrajectoryMethod"]
-
-log = logging.getLogger("DirectInversion")
 
 Lerp = Callable[[Any, Any, float], Any]
 

@@ -21,13 +21,10 @@ import torch
 from .spaces import Space
 from .types import Denoiser
 
-__all__ = ["Euler", "Midpoint", "SOLVERS"]
+__all__ = ["Euler", "Midpoint"]
 
 
 class Euler:
-    name = "euler"
-    evaluations = 1  # model evaluations per step and branch
-
     def invert_step(self, model: Denoiser, space: Space, z: torch.Tensor, sigma: float, sigma_to: float,
                     sigma_to_dev: torch.Tensor, branch: str, level: int) -> torch.Tensor:
         """From ``sigma`` up to ``sigma_to`` (``level``: the index of ``sigma_to``)."""
@@ -41,9 +38,6 @@ class Euler:
 
 
 class Midpoint:
-    name = "midpoint"
-    evaluations = 2
-
     def _step(self, model, space, z, sigma, sigma_to, like, branch, level, guided):
         mid = 0.5 * (sigma + sigma_to)
         mid_dev = like.new_tensor(mid)
@@ -56,6 +50,3 @@ class Midpoint:
 
     def sample_step(self, model, space, x, sigma, sigma_to, sigma_dev, branch, level, guided=True):
         return self._step(model, space, x, sigma, sigma_to, sigma_dev, branch, level, guided)
-
-
-SOLVERS = {solver.name: solver for solver in (Euler(), Midpoint())}

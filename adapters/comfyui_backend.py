@@ -199,7 +199,8 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
 
     def prepare(clone):
         if editor is not None:
-            held["editor"] = install_editor(clone, editor, inversion.steps, inversion.latent_shape)
+            held["editor"] = install_editor(clone, editor, inversion.steps, inversion.latent_shape,
+                                            context_tokens=positive[0][0].shape[1] if positive else None)
 
     def run(denoiser, latent_image):
         device = latent_image.device

@@ -1,14 +1,24 @@
 """Editors on ComfyUI models: the UNet's attention layers and decoder blocks located by place, the attn1/attn2
-replace patches and the output-block patch that hand our sampler's calls to an editor's controller."""
+replace patches and the output-block patch that hand our sampler's calls to an editor's controller; on MM-DiTs
+(SD3/SD3.5, Flux) the ``dit`` block replace patches and the attention override that hand the joint attention's calls
+to an editor's joint controller (``editors.joint``).
+
+Everything is set on the run's model clone (its ``model_options``), which the run drops afterwards, so nothing stays
+patched after a run, an error or a cancel; patches and an attention override that were there before are chained.
+"""
 from __future__ import annotations
 
 import logging
 from typing import Callable, Optional
 
 from ..editors.attention import AttentionCall, FeatureCall, layer_orders
+from ..editors.joint import JointCall, joint_layers, joint_text, start_joint
 from .comfyui_sampling import BRANCH_OPTION, LEVEL_OPTION
 
-__all__ = ["InstalledEditor", "attention_layers", "decoder_features", "install_editor"]
+__all__ = ["BLOCK_OPTION", "InstalledEditor", "attention_layers", "decoder_features", "install_editor", "joint_attention_layers"]
+
+BLOCK_OPTION = "direct_inversion_block"  # transformer option: (kind, index, text tokens, image tokens) of an MM-DiT block
+OVERRIDE = "optimized_attention_override"
 
 log = logging.getLogger("DirectInversion")
 
@@ -21,7 +31,7 @@ def attention_layers(model) -> dict:
 
     unet = model.model.diffusion_model
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
-        raise ValueError(f"Editors need a UNet (SD1.x, SD2.x, SDXL); this model's diffusion model is "
+        raise ValueError(f"Editors need a UNet (SD1.x, SD2.x, SDXL) or an MM-DiT (SD3/SD3.5, Flux); this model's diffusion model is "
                          f"{type(unet).__name__}.")
     entries, factor = [], 1
 
@@ -108,14 +118,138 @@ class InstalledEditor:
             self.controller.finish()
 
 
-def install_editor(model, editor, steps: int, latent_shape) -> InstalledEditor:
+def joint_attention_layers(model) -> Optional[tuple]:
+    """``(family, {key: JointLayer})`` of an MM-DiT (SD3/SD3.5: ``"sd3"``, Flux: ``"flux"``) read from the model's
+    structure, or None for other models."""
+    net = model.model.diffusion_model
+    entries = []
+    if hasattr(net, "joint_blocks"):
+        family = "sd3"
+        for i, block in enumerate(net.joint_blocks):
+            entries.append((("double", i), "double", i))
+            if getattr(block.x_block, "x_block_self_attn", False):
+                entries.append((("image", i), "image", i))
+    elif hasattr(net, "double_blocks") and hasattr(net, "single_blocks"):
+        family = "flux"
+        if any(getattr(block, "flipped_img_txt", False) for block in net.double_blocks):
+            raise ValueError("Editors need the text tokens before the image tokens; this model's double blocks put "
+                             "them after.")
+        entries += [(("double", i), "double", i) for i in range(len(net.double_blocks))]
+        entries += [(("single", i), "single", i) for i in range(len(net.single_blocks))]
+    else:
+        return None
+    return family, {layer.key: layer for layer in joint_layers(entries)}
+
+
+def _block_patch(kind: str, index: int, state: dict, previous: Optional[Callable]):
+    """A ``dit`` block replace patch: runs the block (or the patch that was there before) with its kind, index and
+    token counts in a copy of the transformer options, where the attention override reads them."""
+
+    def patch(args, extra):
+        if kind == "double":
+            state["text"], state["image"] = args["txt"].shape[1], args["img"].shape[1]
+        options = dict(args["transformer_options"])
+        options[BLOCK_OPTION] = (kind, index, state.get("text", 0), state.get("image", 0))
+        args = dict(args, transformer_options=options)
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    return patch
+
+
+def _flat(x, skip_reshape: bool):
+    """[b, heads, n, d] (skip_reshape) or [b, n, heads, d] / [b, n, heads * d] -> [b, n, heads * d]."""
+    if skip_reshape:
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _attention_override(layers: dict, controller, previous: Optional[Callable]):
+    """ComfyUI's ``optimized_attention_override``: our sampler's calls at MM-DiT blocks go to the joint controller
+    (in ``[b, n, heads * d]`` layout; its ``attend`` is ComfyUI's attention, or the override that was there before),
+    everything else runs untouched."""
+
+    def override(func, *args, **kwargs):
+        def untouched():
+            return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+
+        options = kwargs.get("transformer_options") or {}
+        block, branch, level = options.get(BLOCK_OPTION), options.get(BRANCH_OPTION), options.get(LEVEL_OPTION)
+        if block is None or branch is None or level is None or len(args) < 3:
+            return untouched()
+        kind, index, text, image = block
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        skip_reshape = kwargs.get("skip_reshape", False)
+        tokens = q.shape[2] if skip_reshape else q.shape[1]
+        if tokens == text + image and (kind, index) in layers:
+            layer, text_tokens = layers[(kind, index)], text
+        elif tokens == image and ("image", index) in layers:
+            layer, text_tokens = layers[("image", index)], 0
+        else:
+            return untouched()
+        call = JointCall(layer=layer, heads=heads, branch=branch, level=level, chunks=_call_chunks(options),
+                         text=text_tokens)
+        if not controller.wants(call):
+            return untouched()
+        if kwargs.get("mask") is not None:
+            raise ValueError("Editors do not support attention masks on SD3/Flux (a masked conditioning or a model "
+                             "patch that sets one); remove it or run without an editor.")
+        rest = {key: value for key, value in kwargs.items() if key not in ("heads", "skip_reshape", "skip_output_reshape")}
+
+        def attend(q, k, v):
+            flat_kwargs = dict(rest, skip_reshape=False, skip_output_reshape=False)
+            if previous is not None:
+                return previous(func, q, k, v, heads, **flat_kwargs)
+            return func(q, k, v, heads, **flat_kwargs)
+
+        out = controller.attention(_flat(q, skip_reshape), _flat(k, skip_reshape), _flat(v, skip_reshape), call, attend)
+        if kwargs.get("skip_output_reshape", False):
+            out = out.reshape(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
+        return out
+
+    return override
+
+
+def _install_joint(model, editor, steps: int, latent_shape, family: str, layers: dict,
+                   context_tokens: Optional[int]) -> InstalledEditor:
+    text = None
+    if getattr(editor, "kind", None) == "prompt_to_prompt":
+        if not editor.encoders:
+            raise ValueError("This P2P editor has no per-encoder token positions; make it with the P2P Editor node "
+                             "and this model's CLIP.")
+        text = joint_text(family, editor.encoders, context_tokens)
+    controller = start_joint(editor, list(layers.values()), steps, latent_shape, family, text)
+    options = model.model_options.setdefault("transformer_options", {})
+    replaced = options.get("patches_replace", {}).get("dit", {})
+    state: dict = {}
+    for key in layers:
+        kind, index = key
+        if kind == "image":
+            continue
+        block = f"{kind}_block"
+        model.set_model_patch_replace(_block_patch(kind, index, state, replaced.get((block, index))), "dit", block, index)
+    model.model_options["transformer_options"] = dict(model.model_options["transformer_options"])
+    model.model_options["transformer_options"][OVERRIDE] = _attention_override(
+        layers, controller, model.model_options["transformer_options"].get(OVERRIDE))
+    return InstalledEditor(controller, state.clear)
+
+
+def install_editor(model, editor, steps: int, latent_shape, context_tokens: Optional[int] = None) -> InstalledEditor:
     """Start ``editor`` for a run and patch its hooks into ``model`` (a clone owned by the run): attention through
     ComfyUI's attn1/attn2 replace patch points; decoder features (if the editor wants them) through an output-block
     patch, which tells which prediction is running, and a forward hook on the block's last convolution.
 
+    On an MM-DiT (SD3/SD3.5, Flux) every transformer block gets a ``dit`` block replace patch that names the block
+    in the transformer options, and the clone's transformer options an ``optimized_attention_override`` that hands
+    the joint attention's calls to the editor's joint controller; ``context_tokens`` is the conditioning's number of
+    text tokens (Prompt-to-Prompt's positions).
+
     Returns an :class:`InstalledEditor`: the editor's per-run state and the forward hooks (they sit on the shared
     diffusion model, not the clone), which its ``close`` removes: call it in ``finally``.
     """
+    joint = joint_attention_layers(model)
+    if joint is not None:
+        return _install_joint(model, editor, steps, latent_shape, *joint, context_tokens)
     layers = attention_layers(model)
     controller = editor.start(list(layers.values()), steps, latent_shape)
     replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {})

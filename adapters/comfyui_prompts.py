@@ -1,16 +1,17 @@
 """Prompts for editors through a ComfyUI CLIP: word-by-word token positions from the CLIP's own tokenizer(s), and
 the conditioning encoded from the very tokens that were aligned.
 
-Every text encoder of the CLIP (SD1.x: ``l``; SDXL: ``g`` and ``l``) tokenises the prompt; each word is tokenised
-alone with the same tokenizer, and the words' tokens, framed by the encoder's start and end tokens, must reproduce
-the prompt's tokens exactly (otherwise ComfyUI's prompt syntax, such as ``(word:1.2)`` spanning several words or
-embeddings, changed the tokens, and positions would be wrong). All encoders must agree on the positions, since
-their outputs are concatenated per token.
+Every text encoder of the CLIP (SD1.x: ``l``; SDXL: ``g`` and ``l``; SD3: ``l``, ``g``, ``t5xxl``; Flux: ``l``,
+``t5xxl``) tokenises the prompt; each word is tokenised alone with the same tokenizer, and the words' tokens, framed
+by the encoder's start (CLIP) and end tokens, must reproduce the prompt's tokens exactly (otherwise ComfyUI's prompt
+syntax, such as ``(word:1.2)`` spanning several words or embeddings, changed the tokens, and positions would be
+wrong). The CLIP encoders must agree on the positions, since their outputs are concatenated per token; T5's
+positions are kept per encoder (SD3 and Flux read its states as tokens of their own).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 from ..editors.p2p_alignment import TokenizedPrompt, tokenize_words
 from ..editors.p2p_zero import edit_direction
@@ -20,9 +21,10 @@ __all__ = ["EncodablePrompt", "directed_conditioning", "tokenized_prompt", "toke
 
 @dataclass
 class EncodablePrompt:
-    prompt: TokenizedPrompt
+    prompt: TokenizedPrompt  # the positions shared by the CLIP encoders (T5's alone if the CLIP has no other)
     tokens: dict  # the CLIP tokenizer's output for the whole prompt
-    window: int  # tokens per encoder window (77)
+    window: int  # tokens per window of the encoders of ``prompt`` (77)
+    encoders: dict = field(default_factory=dict)  # tokenizer key ("l", "g", "t5xxl") -> (TokenizedPrompt, window)
 
     def encode(self, clip) -> list:
         return clip.encode_from_tokens_scheduled(self.tokens)
@@ -32,33 +34,46 @@ def _ids(chunk) -> list[int]:
     return [int(t[0]) for t in chunk]
 
 
+def _frame(empty: list[int], one_word: list[int]) -> tuple[Optional[int], int]:
+    """(start token or None, end token) of an encoder, from its tokens of "" and of one word: CLIP frames prompts with
+    a start and an end token, T5 ends them only."""
+    return (empty[0], empty[1]) if empty[0] == one_word[0] else (None, empty[0])
+
+
+def _separate(key: str) -> bool:
+    """Encoders whose positions may differ from the CLIP encoders' (T5's sentencepiece tokens)."""
+    return key.startswith(("t5", "umt5"))
+
+
 def tokenized_prompt_with(tokenize, text: str, name: str = "source") -> EncodablePrompt:
-    """Token positions of ``text`` under ``tokenize`` (a ComfyUI ``tokenize_with_weights``)."""
-    full, empty = tokenize(text), tokenize("")
-    result, window = None, None
+    """Token positions of ``text`` under ``tokenize`` (a ComfyUI ``tokenize_with_weights``), per text encoder."""
+    full, empty, probe = tokenize(text), tokenize(""), tokenize("a")
+    encoders = {}
     for key, chunks in full.items():
         if len(chunks) != 1:
             raise ValueError(f"The {name} prompt {text!r} does not fit the text encoder's window of "
                              f"{len(empty[key][0])} tokens; shorten it for Prompt-to-Prompt.")
         ids = _ids(chunks[0])
-        window = len(ids)
-        start, end = _ids(empty[key][0])[:2]
+        start, end = _frame(_ids(empty[key][0]), _ids(probe[key][0]))
+        skip = 0 if start is None else 1
 
         def pieces(word: str) -> list[int]:
-            word_ids = _ids(tokenize(word)[key][0])
-            return word_ids[1:word_ids.index(end, 1)] if end in word_ids[1:] else word_ids[1:]
+            word_ids = _ids(tokenize(word)[key][0])[skip:]
+            return word_ids[:word_ids.index(end)] if end in word_ids else word_ids
 
-        prompt = tokenize_words(text, pieces, start, end, max_len=window)
+        prompt = tokenize_words(text, pieces, start, end, max_len=len(ids))
         if list(prompt.ids) != ids[:len(prompt.ids)]:
             raise ValueError(f"The {name} prompt's words could not be matched to its tokens (encoder {key!r}); "
                              "Prompt-to-Prompt needs plain words: remove weights such as (word:1.2) spanning "
                              "several words and embeddings.")
-        if result is not None and result.spans != prompt.spans:
-            raise ValueError(f"The text encoders split the {name} prompt into different tokens; cannot align it.")
-        result = prompt
-    if result is None:
+        encoders[key] = (prompt, len(ids))
+    if not encoders:
         raise ValueError("The CLIP's tokenizer returned no tokens.")
-    return EncodablePrompt(prompt=result, tokens=full, window=window)
+    shared = [key for key in encoders if not _separate(key)] or list(encoders)[:1]
+    result, window = encoders[shared[0]]
+    if any(encoders[key][0].spans != result.spans for key in shared):
+        raise ValueError(f"The text encoders split the {name} prompt into different tokens; cannot align it.")
+    return EncodablePrompt(prompt=result, tokens=full, window=window, encoders=encoders)
 
 
 def tokenized_prompt(clip, text: str, name: str = "source") -> EncodablePrompt:

@@ -53,6 +53,9 @@ class P2PEditor:
         mask: optional ``[1 or B, H, W]`` region the edit may change (1) instead of blend words.
         record: keep every edited cross-attention map of both branches and every local-blend mask (for inspection
             and tests; memory heavy).
+        encoders: ``((key, source, target, window), ...)``: the prompts' positions per text encoder (tokenizer key,
+            e.g. ``"l"``, ``"t5xxl"``), for models that read several encoders' states as separate tokens (SD3, Flux);
+            empty: ``source`` / ``target`` are the positions of every encoder.
     """
 
     mode: str
@@ -68,6 +71,7 @@ class P2PEditor:
     mask: Optional[torch.Tensor] = field(default=None, compare=False)
     max_tokens: int = 77
     record: bool = False
+    encoders: tuple = field(default=(), compare=False)
 
     kind = "prompt_to_prompt"
 
@@ -102,7 +106,7 @@ def prompt_to_prompt(source: TokenizedPrompt, target: TokenizedPrompt, mode: str
                      cross_replace_steps: float = 0.4, self_replace_steps: float = 0.6,
                      reweight: Sequence[tuple] = (), blend_source_words: Sequence[str] = (),
                      blend_target_words: Sequence[str] = (), blend_threshold: float = 0.3, blend_start: float = 0.2,
-                     mask: Optional[torch.Tensor] = None, max_tokens: int = 77) -> P2PEditor:
+                     mask: Optional[torch.Tensor] = None, max_tokens: int = 77, encoders: Sequence[tuple] = ()) -> P2PEditor:
     """A checked :class:`P2PEditor`: resolves ``auto``, and fails now (not mid-sampling) on words not in their
     prompt, replace with different word counts, prompts longer than ``max_tokens`` or a mask with blend words."""
     if mode not in P2P_MODES:
@@ -120,7 +124,7 @@ def prompt_to_prompt(source: TokenizedPrompt, target: TokenizedPrompt, mode: str
                        self_replace_steps=_fraction("self_replace_steps", self_replace_steps), reweight=reweight,
                        blend_source_words=tuple(blend_source_words), blend_target_words=tuple(blend_target_words),
                        blend_threshold=float(blend_threshold), blend_start=_fraction("blend_start", blend_start),
-                       mask=None if mask is None else mask.float(), max_tokens=max_tokens)
+                       mask=None if mask is None else mask.float(), max_tokens=max_tokens, encoders=tuple(encoders))
     editor.cross_mapping()  # replace with different word counts fails here
     editor.equalizer()  # a reweight word not in the target prompt fails here
     for word in editor.blend_source_words:

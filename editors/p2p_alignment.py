@@ -2,7 +2,8 @@
 reference: google/prompt-to-prompt ``seq_aligner.py``), over any tokenizer.
 
 A prompt is tokenised word by word (words are separated by spaces, as the reference splits them); token positions
-count the start token, so the first word's first token is at position 1, as in the encoder's output.
+count the start token, so the first word's first token is at position 1, as in the encoder's output (0 for an encoder
+without one, such as T5).
 
 - replace (same number of words): each target token takes the map of the source token(s) of the same word;
   a changed word made of a different number of tokens spreads its source word's map evenly over its tokens.
@@ -14,7 +15,7 @@ count the start token, so the first word's first token is at position 1, as in t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -38,10 +39,11 @@ class TokenizedPrompt:
         return len(self.ids)
 
 
-def tokenize_words(text: str, tokenize: Tokenize, start: int, end: int, max_len: int = 77) -> TokenizedPrompt:
-    """Tokenise ``text`` word by word with ``tokenize`` (ids without start/end), framing it with ``start``/``end``."""
+def tokenize_words(text: str, tokenize: Tokenize, start: Optional[int], end: int, max_len: int = 77) -> TokenizedPrompt:
+    """Tokenise ``text`` word by word with ``tokenize`` (ids without start/end), framing it with ``start`` (None:
+    the encoder has no start token, as T5) and ``end``."""
     words = tuple(text.split())
-    ids, spans = [start], []
+    ids, spans = ([] if start is None else [start]), []
     for word in words:
         pieces = list(tokenize(word))
         spans.append(tuple(range(len(ids), len(ids) + len(pieces))))

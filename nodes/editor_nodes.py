@@ -102,7 +102,9 @@ class P2PEditorNode(io.ComfyNode):
             source.prompt, target.prompt, mode=mode, cross_replace_steps=cross_replace_steps,
             self_replace_steps=self_replace_steps, reweight=parse_reweight(reweight_words, reweight_values),
             blend_source_words=parse_words(blend_source_words), blend_target_words=parse_words(blend_target_words),
-            blend_threshold=blend_threshold, blend_start=blend_start, mask=mask, max_tokens=source.window)
+            blend_threshold=blend_threshold, blend_start=blend_start, mask=mask, max_tokens=source.window,
+            encoders=[(key, prompt, target.encoders[key][0], window) for key, (prompt, window) in source.encoders.items()
+                      if key in target.encoders])
         return io.NodeOutput(editor, source.encode(clip), target.encode(clip))
 
 

@@ -389,6 +389,9 @@ class JointP2P(_JointController):
                                          "image": image.detach().cpu()})
             else:
                 probs = base if self_ else own
+                if self.editor.record:
+                    self.records.append({"step": self.step_of(call.level), "layer": call.layer, "heads": hs,
+                                         "image": probs.detach().cpu()})
             out[:, hs] = probs @ vh[:, hs]
         return _merge(out).to(v.dtype), (text_maps / heads if stores else None)
 

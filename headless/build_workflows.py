@@ -447,7 +447,7 @@ def sd35_free_edit(g):
         note="SD3.5 edit without an editor: Euler inversion with the source prompt, then the Direct Inversion "
              "Sampler with the target prompt at guidance 4.5. The source branch follows the inversion exactly; the "
              "target branch starts from the same inverted noise, so the layout carries over as far as the prompt "
-             "change allows (an editor that pins attention is not available for flow models yet). Saves the edit and "
+             "change allows (sd35_p2p, sd35_masactrl and sd35_pnp add an editor). Saves the edit and "
              "the source reconstruction.\n\nKnobs: Invert's method (negative_prompt: the source prompt as the "
              "negative, null_text: optimised unconditional context; rf_solver), steps, cfg.")
 
@@ -503,10 +503,97 @@ def flux_flowedit(g):
                    "Knobs: n_max, the two FluxGuidance values, n_avg, seed.")
 
 
+def _flow_editor_edit(g, name, checkpoint, editor_type, prompts, method, steps, cfg, flux_guidance, note, **settings):
+    """Invert with the editor's source conditioning and edit with its target one; on Flux both through FluxGuidance."""
+    ckpt, _, latent, negative = load(g, checkpoint, 1024)
+    ed = g.add(editor_type, clip=ckpt[1], source_prompt=prompts[0], target_prompt=prompts[1], **settings)
+    source, target = ed[1], ed[2]
+    if flux_guidance is not None:
+        source = g.add("FluxGuidance", title="Flux guidance (source)", conditioning=source, guidance=flux_guidance)[0]
+        target = g.add("FluxGuidance", title="Flux guidance (target)", conditioning=target, guidance=flux_guidance)[0]
+    inv = invert(g, ckpt[0], latent, source, negative, method=method, steps=steps)
+    out = sample(g, ckpt[0], inv, target, negative, editor=ed, cfg=cfg, offsets="auto")
+    decode_and_save(g, ckpt, out[0], name)
+    if editor_type == "DirectInversion_P2PEditor":
+        g.add("SaveImage", title="Attention maps", images=out[3], filename_prefix=f"DirectInversion/{name}_maps")
+    g.note(note)
+
+
+SD35_RUN = dict(method="euler", steps=30, cfg=4.5, flux_guidance=None)
+FLUX_RUN = dict(method="rf_solver", steps=28, cfg=1.0, flux_guidance=2.5)
+FLOW_P2P = ("a cat sitting on a bench", "a dog sitting on a bench")
+
+
+def sd35_p2p(g):
+    _flow_editor_edit(
+        g, "sd35_p2p", SD35, "DirectInversion_P2PEditor", FLOW_P2P, **SD35_RUN, mode="replace",
+        blend_source_words="cat", blend_target_words="dog",
+        note="Prompt-to-Prompt on SD3.5 (cat -> dog, with local blend). SD3's joint attention runs one softmax over the "
+             "text and image tokens: for 40% of the steps the target's image -> text attention is the source's "
+             "(through the word mapping; a word's tokens are its CLIP-L/G and T5 positions), for 60% its image -> "
+             "image attention too; after 20% of the steps everything outside the attention of 'cat' / 'dog' comes "
+             "from the source. Euler inversion, 30 steps, cfg 4.5.\n\nKnobs: cross_replace_steps, "
+             "self_replace_steps, blend_threshold (see the saved attention maps), reweight.")
+
+
+def sd35_masactrl(g):
+    _flow_editor_edit(
+        g, "sd35_masactrl", SD35, "DirectInversion_MasaCtrlEditor", ("", "a photo of a cat jumping"), **SD35_RUN,
+        start_step=3, start_layer=-1,
+        note="MasaCtrl on SD3.5 (sitting -> jumping). From step 3 of 30 and from joint block 15 of 24 on (MasaCtrl's "
+             "relative depth, start_layer -1), the target's image tokens attend to its own text and to the source "
+             "image's keys and values, so the subject keeps its look while the pose follows the prompt.\n\nKnobs: "
+             "start_step, start_layer (blocks in forward order), a MASK for the subject.")
+
+
+def sd35_pnp(g):
+    _flow_editor_edit(
+        g, "sd35_pnp", SD35, "DirectInversion_PnPEditor", ("a photo of a horse", "a pencil sketch of a horse"),
+        **SD35_RUN, feature_injection=0.4, attention_injection=0.25, feature_block=4, attention_from_block=4,
+        note="Plug-and-Play on SD3.5 (photo -> sketch). In the second half of the joint blocks the target's image "
+             "tokens take the empty-prompt reconstruction's values (the features) for the first 40% of the steps and "
+             "its queries and keys (image -> image attention) for the first 25%. These windows are a starting point "
+             "(the UNet reference's are 0.8 and 0.5; joint blocks carry the whole image stream, so shorter windows "
+             "leave the prompt more room); not tuned on real weights.\n\nKnobs: feature_injection, "
+             "attention_injection (lower = freer edits), cfg.")
+
+
+def flux_p2p(g):
+    _flow_editor_edit(
+        g, "flux_p2p", FLUX, "DirectInversion_P2PEditor", FLOW_P2P, **FLUX_RUN, mode="replace",
+        blend_source_words="cat", blend_target_words="dog",
+        note="Prompt-to-Prompt on Flux dev (cat -> dog, with local blend). In every double- and single-stream block "
+             "the target's image -> text attention is the source's for 40% of the steps (a word's tokens are its T5 "
+             "positions), its image -> image attention for 60%; local blend from the double-stream blocks' maps. "
+             "RF-Solver inversion, 28 steps, cfg 1, FluxGuidance 2.5 (RF-Solver-Edit's editing guidance is 2-2.5)."
+             "\n\nKnobs: cross_replace_steps, self_replace_steps, blend_threshold, FluxGuidance.")
+
+
+def flux_masactrl(g):
+    _flow_editor_edit(
+        g, "flux_masactrl", FLUX, "DirectInversion_MasaCtrlEditor", ("", "a photo of a cat jumping"), **FLUX_RUN,
+        start_step=2, start_layer=-1,
+        note="MasaCtrl on Flux dev (sitting -> jumping). From step 2 of 28 and from block 36 of 57 on (single-stream "
+             "block 17; MasaCtrl's relative depth), the target's image tokens attend to its own text and to the source "
+             "image's keys and values.\n\nKnobs: start_step, start_layer (double-stream blocks 0-18, then "
+             "single-stream blocks 19-56), a MASK for the subject, FluxGuidance.")
+
+
+def flux_pnp(g):
+    _flow_editor_edit(
+        g, "flux_pnp", FLUX, "DirectInversion_PnPEditor", ("a photo of a horse", "a pencil sketch of a horse"),
+        **FLUX_RUN, feature_injection=0.1, attention_injection=0.1, feature_block=4, attention_from_block=4,
+        note="Plug-and-Play on Flux dev (photo -> sketch) with RF-Solver-Edit's choice: in single-stream blocks "
+             "20-37 the target's image tokens take the source reconstruction's values for the first 10% of the steps "
+             "(RF-Solver-Edit injects for 2-3 of 25), and here its queries and keys as well.\n\nKnobs: "
+             "feature_injection (values), attention_injection (queries/keys), FluxGuidance.")
+
+
 WORKFLOWS = [reconstruction_check, p2p_word_swap, p2p_refine, p2p_reweight, p2p_local_blend, masactrl_pose,
              pnp_photo_to_sketch, p2p_zero_cat_to_dog, null_text_p2p, negative_prompt_p2p, edict_edit, sdxl_edit, lora_controlnet_edit,
              save_inversion, load_inversion_many_targets, sd35_reconstruction_check, sd35_free_edit,
-             flux_reconstruction_check, flux_free_edit, sd35_flowedit, flux_flowedit]
+             flux_reconstruction_check, flux_free_edit, sd35_flowedit, flux_flowedit, sd35_p2p, sd35_masactrl, sd35_pnp,
+             flux_p2p, flux_masactrl, flux_pnp]
 
 
 def build(nodes_module, folder: Path) -> list[Path]:

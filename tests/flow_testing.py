@@ -54,10 +54,12 @@ def _scaled_output(model, out_scale: float):
     return model.eval()
 
 
-def tiny_diffusers_sd3(seed: int = 0, out_scale: float = OUT_SCALE, qk_norm: Optional[str] = None):
+def tiny_diffusers_sd3(seed: int = 0, out_scale: float = OUT_SCALE, qk_norm: Optional[str] = None,
+                      dual_attention_layers: tuple = ()):
     """A diffusers ``SD3Transformer2DModel`` at toy size: 16 latent channels, patch 2, 2 joint blocks of 2 heads of
     64 (width 128), context width ``SD3_CONTEXT_DIM``, pooled width ``SD3_POOLED_DIM``, positional embedding for up
-    to 32x32 patches. ``qk_norm="rms_norm"``: SD3.5's RMS-normed queries and keys (None: SD3's)."""
+    to 32x32 patches. ``qk_norm="rms_norm"``: SD3.5's RMS-normed queries and keys (None: SD3's);
+    ``dual_attention_layers``: the joint blocks with SD3.5-medium's second, image-only attention."""
     from diffusers import SD3Transformer2DModel
 
     with torch.random.fork_rng(devices=[]):
@@ -75,6 +77,7 @@ def tiny_diffusers_sd3(seed: int = 0, out_scale: float = OUT_SCALE, qk_norm: Opt
             pooled_projection_dim=SD3_POOLED_DIM,
             pos_embed_max_size=SD3_POS_EMBED_MAX_SIZE,
             qk_norm=qk_norm,
+            dual_attention_layers=tuple(dual_attention_layers),
         )
     return _scaled_output(model, out_scale)
 

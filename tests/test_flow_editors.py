@@ -446,3 +446,49 @@ def test_editors_not_for_flow_models_are_refused(comfy_backend, setup):
     with pytest.raises(ValueError, match="does not work on SD3/Flux's joint attention"):
         run_edit(comfy_backend, setup, inversion, P2PZeroEditor(source_conditioning=encode(setup["clip"], "a cat")),
                  encode(setup["clip"], "a dog"))
+
+
+def test_sd35_image_only_attention_is_edited(comfy_backend):
+    """SD3.5-medium's joint blocks with a second, image-only attention (x_block_self_attn): every editor runs, and the
+    image-only calls are edited as self-attention (P2P's self fraction: the source's probabilities; MasaCtrl: the
+    source's keys and values), recomputed from the hooked calls."""
+    from comfyui_direct_inversion.adapters.comfyui_editors import joint_attention_layers
+    from comfyui_direct_inversion.editors import MasaCtrlEditor
+
+    transformer = F.tiny_diffusers_sd3(qk_norm="rms_norm", dual_attention_layers=(0,))
+    model = F.comfy_sd3_from_diffusers(transformer)
+    family, layers = joint_attention_layers(model)
+    assert family == "sd3" and [layer.key for layer in layers.values()] == [("double", 0), ("image", 0), ("double", 1)]
+    setup = {"kind": "sd3", "model": model, "clip": F.tiny_comfy_sd3_clip()}
+    clip = setup["clip"]
+    with torch.inference_mode():
+        latent, inversion = invert(comfy_backend, setup)
+    editors = editors_for(clip, *PROMPTS)
+    editors = {name: editor.__class__(**{**editor.__dict__, "record": True}) if name != "pnp" else editor
+               for name, editor in editors.items()}
+    for name, editor in editors.items():
+        hooks = Hooks(model)
+        try:
+            out = run_edit(comfy_backend, setup, inversion, editor, encode(clip, PROMPTS[1]), hooks, cfg=2.0)
+        finally:
+            hooks.close()
+        assert torch.isfinite(out.edited).all() and (out.source - latent).abs().max() <= 1e-4
+        source_image = {c["level"]: c for c in hooks.calls if c["branch"] == "source" and c["block"] is not None
+                        and c["q"].shape[1] == c["block"][3]}
+        assert len(source_image) == STEPS
+        records = [r for r in getattr(out.editor_state, "records", []) if r["layer"].kind == "image"]
+        if name == "p2p":  # self fraction 0.6 of 6 steps: the source's image-only probabilities in steps 0-2
+            assert sorted({r["step"] for r in records}) == [0, 1, 2]
+            for r in records:
+                s_call = source_image[STEPS - r["step"]]
+                rows = slice(0, 1) if s_call["chunks"] == (0,) else [s_call["chunks"].index(0)]
+                expected = probs(s_call["q"][rows], s_call["k"][rows], s_call["heads"])[:, r["heads"]]
+                assert torch.allclose(r["image"].double(), expected, atol=1e-5)
+        if name == "masactrl":  # from step 1 on: the target's image-only queries over the source's keys and values
+            assert sorted({r["step"] for r in records}) == list(range(1, STEPS))
+            for r in records:
+                s_call = source_image[STEPS - r["step"]]
+                row = s_call["chunks"].index(0 if r["role"] == "cond" else 1)
+                assert torch.equal(r["k_source"][0], s_call["k"][row]) and torch.equal(r["v_source"][0], s_call["v"][row])
+                expected = probs(r["q"], r["k_source"], r["heads"]) @ split_heads(r["v_source"], r["heads"])
+                assert torch.allclose(r["out"].double(), expected.transpose(1, 2).flatten(2), atol=1e-5)

@@ -41,7 +41,8 @@ def test_the_expected_workflows_are_there():
                           "edict_edit", "sdxl_edit", "lora_controlnet_edit", "save_inversion",
                           "load_inversion_many_targets", "p2p_zero_cat_to_dog", "sd35_reconstruction_check",
                           "sd35_free_edit", "flux_reconstruction_check", "flux_free_edit", "sd35_flowedit",
-                          "flux_flowedit"}
+                          "flux_flowedit", "sd35_p2p", "sd35_masactrl", "sd35_pnp", "flux_p2p", "flux_masactrl",
+                          "flux_pnp"}
 
 
 def _widgets_fit(node: dict, definition: dict, ui_to_api) -> list[str]:
@@ -130,7 +131,11 @@ def standing_in(prompt: dict, lora_name: str) -> dict:
             inputs["steps"] = EDIT_STEPS
         elif node["class_type"] == "DirectInversion_FlowEdit":
             inputs.update(steps=EDIT_STEPS, n_max=EDIT_STEPS - 1)
-        elif node["class_type"] == "DirectInversion_PnPEditor":  # the tiny UNets' positions of the defaults
+        elif node["class_type"] == "DirectInversion_MasaCtrlEditor":
+            inputs["start_step"] = min(inputs["start_step"], 1)
+        elif node["class_type"] == "DirectInversion_PnPEditor":  # the tiny UNets' positions of the defaults; windows
+            for name in ("feature_injection", "attention_injection"):  # of at least a step of the few
+                inputs[name] = max(inputs[name], 0.5)
             inputs.update(feature_block=3, attention_from_block=1 if _is_sdxl(prompt) else 3)
     return prompt
 

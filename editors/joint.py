@@ -511,7 +511,9 @@ class JointMasaCtrl(_JointController):
         source = self.cache.get(slot)
         if source is None or any(role not in source for role in roles):
             raise self.missing_source()
-        out = attend(q, k, v) if t else q.new_empty(q.shape[:2] + v.shape[-1:], dtype=v.dtype)
+        out = q.new_empty(q.shape[:2] + v.shape[-1:], dtype=v.dtype)
+        if t:  # text queries: the target's own attention
+            out[:, :t] = attend(q[:, :t], k, v)
         mask = self._mask(q.shape[1] - t, q.device)
         for role, s in roles.items():
             k_src, v_src = source[role]

@@ -60,7 +60,10 @@ class P2PEditorNode(io.ComfyNode):
                 "global token alignment; auto: replace when the word counts agree, otherwise refine. reweight scales "
                 "the attention of target words (same prompt twice = reweight alone). Local blend keeps everything "
                 "outside the blend words' attention (or the mask) from the source branch. Defaults: PIE-Bench runs of "
-                "the PnP Inversion code (cross 0.4, self 0.6, blend threshold 0.3 from 0.2 of the steps)."
+                "the PnP Inversion code (cross 0.4, self 0.6, blend threshold 0.3 from 0.2 of the steps). On SD3/Flux "
+                "the joint attention's image -> text block plays the cross-attention and its image -> image block the "
+                "self-attention (a word's tokens: its CLIP and T5 positions on SD3, T5's on Flux); put FluxGuidance "
+                "after the outputs on Flux."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The model's text encoder; its tokenizer aligns the prompts' words."),
@@ -123,7 +126,10 @@ class MasaCtrlEditorNode(io.ComfyNode):
                 "the PnP Inversion runs). Layers count the UNet's transformer blocks in forward order; start_layer "
                 "-1 takes the reference's 10 of SD1.x/SD2.x's 16 (the decoder) or the same position elsewhere "
                 "(SDXL: 44 of 70). A mask, or a word of each prompt (automatic mask from its cross-attention, "
-                "threshold 0.1), makes foreground and background attend separately."
+                "threshold 0.1), makes foreground and background attend separately. On SD3/Flux the target's image "
+                "tokens attend to its own text and the source's image keys and values; layers count the transformer "
+                "blocks (Flux: double-stream, then single-stream), -1 is the same relative depth; mask words are not "
+                "available there (a MASK is)."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The model's text encoder."),
@@ -186,7 +192,10 @@ class PnPEditorNode(io.ComfyNode):
                 "in forward order (SD1.x/SD2.x: 12, SDXL: 9); the defaults 4 / 4 are the reference's second resnet of "
                 "the first upsampled level (diffusers up_blocks[1].resnets[1]) and self-attention of decoder layers "
                 "4-11 on SD1.x/SD2.x; on SDXL they give that resnet and the self-attention of blocks 4-5. EDICT keeps "
-                "its source on the inversion's prompt, guided."
+                "its source on the inversion's prompt, guided. On SD3/Flux the target's image tokens take the source's "
+                "values (feature_injection) and queries/keys (attention_injection) in the family's PnP blocks (Flux: "
+                "single-stream 20-37, RF-Solver-Edit's; SD3: the second half of the joint blocks); the block inputs "
+                "apply to UNets only, and shorter windows suit these models (Flux workflows: 0.1 / 0.1)."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The model's text encoder (encodes both prompts and the empty prompt)."),

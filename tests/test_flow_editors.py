@@ -229,8 +229,9 @@ def test_p2p_local_blend_keeps_the_source_outside(comfy_backend, setup, how):
 # -- MasaCtrl ----------------------------------------------------------------------------------------------------------
 def test_masactrl_attends_over_the_source_keys_and_values(comfy_backend, setup):
     """From start_step and start_layer on, the target's image queries attend to its own text keys/values and the
-    source's image keys/values (hooked from the source's call), recomputed; text queries keep their own; before
-    start_step the target attends to itself."""
+    source's image keys/values (hooked from the source's call): the backend's attention gets exactly these, per half,
+    and the image stream receives that attention; text queries keep their own; before start_step and below
+    start_layer the target attends to itself."""
     from comfyui_direct_inversion.editors import MasaCtrlEditor
 
     clip = setup["clip"]
@@ -244,23 +245,37 @@ def test_masactrl_attends_over_the_source_keys_and_values(comfy_backend, setup):
     finally:
         hooks.close()
     src = hooks.joint("source")
-    positions = {id(c): i for i, c in enumerate(hooks.calls)}
     checked = {"edited": 0, "own": 0}
-    for key, t_call in hooks.joint("target").items():
-        level, kind, index = key
-        s_call, heads, t = src[key], t_call["heads"], t_call["block"][2]
-        assert t_call["chunks"] == s_call["chunks"] and len(t_call["chunks"]) == 2  # both halves, guided source
-        edited = STEPS - level >= 2 and index >= start_layer
-        keys = torch.cat([t_call["k"][:, :t], s_call["k"][:, t:]], 1) if edited else t_call["k"]
-        values = torch.cat([t_call["v"][:, :t], s_call["v"][:, t:]], 1) if edited else t_call["v"]
-        if kind != "double":
+    for position, call in enumerate(hooks.calls):
+        if call["branch"] != "target" or call["block"] is None:
             continue
-        # the image stream's output: hooked q over the concatenation, per half (each half to the same source half)
-        expected = (probs(t_call["q"][:, t:], keys, heads) @ split_heads(values, heads)).transpose(1, 2).flatten(2)
-        out = hooks.output_after(positions[id(t_call)])
-        assert torch.allclose(out.double(), expected, atol=1e-5)
-        checked["edited" if edited else "own"] += 1
-    assert checked["edited"] >= 1 and checked["own"] >= 1
+        kind, index, t, image = call["block"]
+        key = (call["level"], kind, index)
+        s_call, heads = src[key], call["heads"]
+        edited = STEPS - call["level"] >= 2 and index >= start_layer
+        if call["q"].shape[1] == t + image:  # the target's own joint attention (not edited here)
+            assert not edited
+            expected = probs(call["q"][:, t:], call["k"], heads) @ split_heads(call["v"], heads)
+            checked["own"] += kind == "double"
+        elif call["q"].shape[1] == t:  # edited: the text queries over the target's own keys
+            assert edited and call["k"].shape[1] == t + image
+            continue
+        else:  # edited: one half's image queries over [own text, the same half of the source's image] keys
+            assert edited and call["q"].shape[1] == image and len(call["chunks"]) == 2
+            row = len([c for c in hooks.calls[:position] if c["branch"] == "target" and c["level"] == call["level"]
+                       and c["block"] == call["block"] and c["q"].shape[1] == image])  # halves in batch order
+            text = hooks.calls[position - 1 - row]
+            assert text["q"].shape[1] == t
+            assert torch.equal(call["k"][:, :t], text["k"][row:row + 1, :t])
+            assert torch.equal(call["k"][:, t:], s_call["k"][row:row + 1, t:])
+            assert torch.equal(call["v"][:, t:], s_call["v"][row:row + 1, t:])
+            expected = probs(call["q"], call["k"], heads) @ split_heads(call["v"], heads)
+            checked["edited"] += kind == "double"
+        if kind == "double":
+            out = hooks.output_after(position)  # the whole batch; an edited call is one half of it
+            rows = out[row:row + 1] if call["q"].shape[1] == image else out
+            assert torch.allclose(rows.double(), expected.transpose(1, 2).flatten(2), atol=1e-5)
+    assert checked["edited"] >= 2 and checked["own"] >= 1
 
 
 def test_masactrl_mask_and_default_layer(comfy_backend, setup):

@@ -13,13 +13,19 @@ pooled_prompt_embeds)`` for SD3 and Flux.
 
     inv = invert(flux, flow_scheduler, latent, (embeds, pooled), method="euler", flux_guidance=3.5)
     out = edit(flux, flow_scheduler, inv, (target_embeds, target_pooled), None, cfg=1.0, flux_guidance=3.5)
+
+Editors act through attention processors installed for one edit: on UNets at every attention layer
+(``editors.attention``), on SD3/SD3.5 and Flux at every joint-attention call (``editors.joint``: SD3's joint blocks and
+SD3.5's image-only attentions, Flux's double- and single-stream blocks).
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..inversion import (
     BRANCH_SOURCE,
@@ -37,12 +43,13 @@ from ..inversion import (
     resolve_offsets,
 )
 from ..editors.attention import AttentionCall, FeatureCall, layer_orders
+from ..editors.joint import JointCall, JointLayer, joint_layers, joint_text, start_joint
 from ..inversion import edit as core_edit
 from ..inversion import flow_edit as core_flow_edit
 from .diffusers_models import FluxNet, Net, UNetNet, flow_prompt, network, vp_train_sigmas
 
 __all__ = ["DiffusersDenoiser", "DiffusersNullText", "attention_layers", "decoder_features", "edit", "editor_installed",
-           "flow_edit", "flow_prompt", "invert", "model_family", "train_sigmas"]
+           "flow_edit", "flow_prompt", "invert", "joint_attention_layers", "model_family", "train_sigmas"]
 
 def train_sigmas(scheduler) -> torch.Tensor:
     """sigma of every training timestep of a DDPM-style scheduler, float64."""
@@ -55,11 +62,14 @@ def model_family(unet, scheduler) -> str:
 
 
 class _CallState:
-    """Branch, level and batch layout of the UNet call in progress, read by the editor's attention processors."""
+    """Branch, level and batch layout of the model call in progress, read by the editor's attention processors;
+    ``text``: the text token count of the prediction in progress (Flux: set by its double-stream blocks, read by its
+    single-stream blocks, whose joint sequence does not tell it)."""
 
     def __init__(self, controller):
         self.controller = controller
         self.branch, self.level, self.chunks = None, None, ("cond",)
+        self.text: Optional[int] = None
 
 
 def _layer_sort_key(name: str) -> tuple:
@@ -151,9 +161,15 @@ class _EditorProcessor:
 
 
 @contextmanager
-def editor_installed(unet, editor, steps: int, latent_shape):
-    """Attention processors of ``editor`` on ``unet`` for one run; the UNet's own processors come back after it,
-    also after an error. Yields the call state (its ``controller`` is the editor's per-run state)."""
+def editor_installed(unet, editor, steps: int, latent_shape, context_tokens: Optional[int] = None):
+    """Attention processors of ``editor`` on ``unet`` (a UNet, or an SD3/SD3.5 or Flux transformer) for one run; the
+    model's own processors come back after it, also after an error. Yields the call state (its ``controller`` is the
+    editor's per-run state). ``context_tokens``: the conditioning's text token count (Prompt-to-Prompt on SD3/Flux)."""
+    joint = joint_attention_layers(unet)
+    if joint is not None:
+        with _joint_installed(unet, editor, steps, latent_shape, *joint, context_tokens) as state:
+            yield state
+        return
     original = unet.attn_processors
     layers = attention_layers(unet)
     state = _CallState(editor.start(list(layers.values()), steps, latent_shape))
@@ -182,6 +198,232 @@ def editor_installed(unet, editor, steps: int, latent_shape):
             handle.remove()
         unet.set_attn_processor(original)
         controller.finish()
+
+
+# -- MM-DiTs (SD3/SD3.5, Flux) -------------------------------------------------------------------------------------
+# diffusers' processors of the attention calls the joint processors replace (by class name: the deprecated Flux
+# names are those of diffusers < 0.35); other processors (fused SD3 projections, IP-Adapter...) are refused.
+_JOINT_PROCESSORS = {
+    "sd3": ("JointAttnProcessor2_0",),
+    "flux": ("FluxAttnProcessor", "FluxAttnProcessor2_0", "FluxSingleAttnProcessor2_0", "FusedFluxAttnProcessor2_0"),
+}
+
+_FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux"}
+
+
+def joint_attention_layers(model) -> Optional[tuple]:
+    """``(family, {processor name: JointLayer})`` of an MM-DiT read from its structure: ``"sd3"`` for an
+    ``SD3Transformer2DModel`` (``transformer_blocks[i].attn``: the joint attention; ``.attn2`` where SD3.5 has it: the
+    image-only attention), ``"flux"`` for a ``FluxTransformer2DModel`` (``transformer_blocks[i].attn``: double-stream,
+    ``single_transformer_blocks[i].attn``: single-stream); None for other models (UNets)."""
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None or not hasattr(model.config, "joint_attention_dim"):
+        return None
+    entries = []
+    if hasattr(model, "single_transformer_blocks"):
+        family = "flux"
+        if len(blocks) == 0:
+            raise ValueError("Editors on Flux read the text token count at its double-stream blocks; this model has "
+                             "none.")
+        entries += [(f"transformer_blocks.{i}.attn.processor", "double", i) for i in range(len(blocks))]
+        entries += [(f"single_transformer_blocks.{i}.attn.processor", "single", i)
+                    for i in range(len(model.single_transformer_blocks))]
+    else:
+        family = "sd3"
+        for i, block in enumerate(blocks):
+            entries.append((f"transformer_blocks.{i}.attn.processor", "double", i))
+            if getattr(block, "attn2", None) is not None:
+                entries.append((f"transformer_blocks.{i}.attn2.processor", "image", i))
+    return family, {layer.key: layer for layer in joint_layers(entries)}
+
+
+def _plain_attention(heads: int):
+    """The joint controllers' ``attend``: scaled dot-product attention without a mask (what diffusers' SD3 and Flux
+    processors run) in ``[batch, tokens, heads * head_dim]`` layout."""
+
+    def attend(q, k, v):
+        b = q.shape[0]
+        split = lambda x: x.reshape(b, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(b, q.shape[1], -1)
+
+    return attend
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[b, heads, n, d]`` -> ``[b, n, heads * d]``."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+class _JointProcessor:
+    """Shared by the SD3 and Flux processors: a layer's calls of our sampler that the controller wants go to it, with
+    q/k/v as diffusers' processor computes them (projections, q/k norms, Flux's RoPE), in ``[text, image]`` order;
+    every other call runs the processor this one replaced (``original``)."""
+
+    def __init__(self, layer: JointLayer, state: _CallState, original):
+        self.layer, self.state, self.original = layer, state, original
+
+    def _call(self, heads: int, text: int) -> Optional[JointCall]:
+        state = self.state
+        if state.branch is None or state.level is None:
+            return None
+        call = JointCall(layer=self.layer, heads=heads, branch=state.branch, level=state.level, chunks=state.chunks,
+                         text=text)
+        return call if state.controller.wants(call) else None
+
+    def _attention(self, q, k, v, call: JointCall, attention_mask) -> torch.Tensor:
+        """The controller's output ``[b, n, heads * d]`` for ``[b, heads, n, d]`` q/k/v in [text, image] order."""
+        if attention_mask is not None:
+            raise ValueError("Editors do not support attention masks on SD3/Flux (a joint_attention_kwargs mask); "
+                             "remove it or run without an editor.")
+        out = self.state.controller.attention(_flat(q), _flat(k), _flat(v), call, _plain_attention(call.heads))
+        return out.to(q.dtype)
+
+
+class _SD3Processor(_JointProcessor):
+    """``JointAttnProcessor2_0`` with the editor: the joint attention of SD3's joint blocks (diffusers concatenates
+    [image, text]; the controller gets [text, image]) and SD3.5's image-only attention (``attn2``); the last block's
+    text output skips ``to_add_out`` (``context_pre_only``) as there."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        joint = encoder_hidden_states is not None
+        call = None
+        if joint == (self.layer.kind == "double"):
+            call = self._call(attn.heads, encoder_hidden_states.shape[1] if joint else 0)
+        if call is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        b = hidden_states.shape[0]
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = k.shape[-1] // attn.heads
+        split = lambda x: x.view(b, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if joint:
+            context = encoder_hidden_states
+            cq, ck, cv = (split(proj(context)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if getattr(attn, "norm_added_q", None) is not None:
+                cq = attn.norm_added_q(cq)
+            if getattr(attn, "norm_added_k", None) is not None:
+                ck = attn.norm_added_k(ck)
+            q, k, v = torch.cat([cq, q], dim=2), torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        out = self._attention(q, k, v, call, attention_mask)
+        t = call.text
+        image = attn.to_out[1](attn.to_out[0](out[:, t:]))
+        if not joint:
+            return image
+        text = out[:, :t]
+        return image, (text if attn.context_pre_only else attn.to_add_out(text))
+
+
+class _FluxProcessor(_JointProcessor):
+    """``FluxAttnProcessor`` with the editor: double-stream blocks (projections of the image and text streams,
+    concatenated [text, image], output projections ``to_out`` / ``to_add_out``) and single-stream blocks (one joint
+    sequence, no output projection); q/k RMS-normed, RoPE over the joint sequence; fused projections as there."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        joint = encoder_hidden_states is not None
+        if joint:
+            self.state.text = encoder_hidden_states.shape[1]
+        call = None
+        if joint == (self.layer.kind == "double") and self.state.text is not None:
+            call = self._call(attn.heads, self.state.text)
+        if call is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        fused = getattr(attn, "fused_projections", False)
+        if fused:
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = getattr(attn, "head_dim", None) or q.shape[-1] // attn.heads
+        split = lambda x: x.unflatten(-1, (-1, head_dim))  # noqa: E731  [b, n, heads, d]
+        q, k, v = split(q), split(k), split(v)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if joint:
+            context = encoder_hidden_states
+            if fused and hasattr(attn, "to_added_qkv"):
+                cq, ck, cv = attn.to_added_qkv(context).chunk(3, dim=-1)
+            else:
+                cq, ck, cv = attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
+            cq, ck, cv = split(cq), split(ck), split(cv)
+            if getattr(attn, "norm_added_q", None) is not None:
+                cq = attn.norm_added_q(cq)
+            if getattr(attn, "norm_added_k", None) is not None:
+                ck = attn.norm_added_k(ck)
+            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, n, d]
+        if image_rotary_emb is not None:
+            q, k = apply_rotary_emb(q, image_rotary_emb), apply_rotary_emb(k, image_rotary_emb)
+        if q.shape[2] <= call.text:
+            raise ValueError(f"A Flux single-stream block has {q.shape[2]} tokens, not more than the prediction's "
+                             f"{call.text} text tokens.")
+        out = self._attention(q, k, v, call, attention_mask)
+        if not joint:
+            return out
+        t = call.text
+        image = attn.to_out[1](attn.to_out[0](out[:, t:].contiguous()))
+        return image, attn.to_add_out(out[:, :t].contiguous())
+
+
+def _check_processors(family: str, processors: dict, layers: dict) -> None:
+    allowed = _JOINT_PROCESSORS[family]
+    for name in layers:
+        if name not in processors:
+            raise ValueError(f"This {_FAMILY_NAMES[family]} transformer has no attention processor {name}; editors "
+                             f"know diffusers' SD3Transformer2DModel and FluxTransformer2DModel layouts.")
+        kind = type(processors[name]).__name__
+        if kind not in allowed:
+            raise ValueError(f"Editors on {_FAMILY_NAMES[family]} stand in for diffusers' default attention processors "
+                             f"({', '.join(allowed)}), but {name} has {kind} (fused projections, an adapter or "
+                             f"another extension). Restore the defaults (SD3: unfuse_qkv_projections()) or edit "
+                             f"without an editor.")
+
+
+@contextmanager
+def _joint_installed(model, editor, steps: int, latent_shape, family: str, layers: dict,
+                     context_tokens: Optional[int]):
+    """The joint processors of ``editor`` on an SD3/Flux transformer for one run (see ``editor_installed``)."""
+    text = None
+    if getattr(editor, "kind", None) == "prompt_to_prompt":
+        if not editor.encoders:
+            raise ValueError("Prompt-to-Prompt on SD3/Flux needs the prompts' token positions per text encoder: "
+                             "make the editor with prompt_to_prompt(..., encoders=((key, source, target, window), "
+                             "...)) from the pipeline's tokenizers (SD3: 'l' or 'g' with 77 tokens, then 't5xxl' with "
+                             "the T5 length; Flux: 't5xxl').")
+        if context_tokens is None:
+            raise ValueError("Prompt-to-Prompt on SD3/Flux needs the conditioning's text token count.")
+        text = joint_text(family, editor.encoders, context_tokens)
+    original = model.attn_processors
+    _check_processors(family, original, layers)
+    controller = start_joint(editor, list(layers.values()), steps, latent_shape, family, text)
+    state = _CallState(controller)
+    processor = _SD3Processor if family == "sd3" else _FluxProcessor
+    try:
+        model.set_attn_processor({name: processor(layers[name], state, p) if name in layers else p
+                                  for name, p in original.items()})
+        yield state
+    finally:
+        try:
+            model.set_attn_processor(dict(original))
+        finally:
+            controller.finish()
+
+
+def _flow_editor(editor, net: Net, inversion: Inversion):
+    """``editor`` with its own source conditioning (Plug-and-Play's empty prompt: ``(prompt_embeds,
+    pooled_prompt_embeds)``) in the flow model's conditioning form, Flux's embedded guidance the inversion's."""
+    own = getattr(editor, "source_conditioning", None)
+    if own is None or not dataclasses.is_dataclass(editor):
+        return editor
+    guidance = inversion.conditioning[0][1].get("guidance") if isinstance(inversion.conditioning, list) else None
+    return dataclasses.replace(editor, source_conditioning=net.prompt(own, guidance))
 
 
 class DiffusersDenoiser:
@@ -289,10 +531,14 @@ def edit(unet, scheduler, inversion: Inversion, target_embeds, negative_embeds, 
          editor=None, flux_guidance: Optional[float] = None) -> DirectInversionResult:
     """Edit an inversion: the source branch follows it, the target branch is the edit (see ``inversion.methods``).
 
-    ``editor`` (e.g. ``editors.P2PEditor``, UNets only) acts through attention processors installed for this call
-    only; its per-run state comes back as the result's ``editor_state``. ``offsets`` "auto" is the editor's default
-    (see ``inversion.types.resolve_offsets``: Pix2Pix-Zero "both", otherwise "source"). ``flux_guidance``: the target's
-    and negative's embedded guidance on Flux dev (3.5 if not given); the source keeps the inversion's.
+    ``editor`` (e.g. ``editors.P2PEditor``) acts through attention processors installed for this call only; its
+    per-run state comes back as the result's ``editor_state``. On SD3/SD3.5 and Flux the editors are
+    Prompt-to-Prompt, MasaCtrl and Plug-and-Play on the joint attention (``editors.joint``); a P2P editor there needs
+    its prompts' positions per text encoder (``prompt_to_prompt(..., encoders=...)``, windows adding up to the
+    target embeddings' token count), PnP's ``source_conditioning`` is ``(prompt_embeds, pooled_prompt_embeds)``.
+    ``offsets`` "auto" is the editor's default (see ``inversion.types.resolve_offsets``: Pix2Pix-Zero "both",
+    otherwise "source"). ``flux_guidance``: the target's and negative's embedded guidance on Flux dev (3.5 if not
+    given); the source (also PnP's own source prompt) keeps the inversion's.
     """
     net = network(unet, scheduler)
     inversion.check_model(net.family(), net.space.name)
@@ -300,15 +546,16 @@ def edit(unet, scheduler, inversion: Inversion, target_embeds, negative_embeds, 
     if x_target is not None:
         inversion.check_latent(x_target, "target start latent")
     negative = None if negative_embeds is None else net.prompt(negative_embeds, flux_guidance)
+    if editor is not None and not isinstance(net, UNetNet):
+        editor = _flow_editor(editor, net, inversion)
     plan = method_named(inversion.method).plan(inversion, cfg, negative, editor, lerp=net.lerp)
     branches = {BRANCH_SOURCE: plan.source, BRANCH_TARGET: net.prompt(target_embeds, flux_guidance)}
     denoiser = DiffusersDenoiser(unet, scheduler, branches, plan.negative, plan.guidance,
                                  negative_at=plan.negative_at, proximal=plan.proximal, net=net)
     if editor is None:
         return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback)
-    if not isinstance(net, UNetNet):
-        raise ValueError("Editors work on UNet models (SD1.x/SD2.x/SDXL); on SD3 and Flux edit without an editor.")
-    with editor_installed(unet, editor, inversion.steps, inversion.latent_shape) as state, \
+    context_tokens = None if isinstance(net, UNetNet) else net.context(branches[BRANCH_TARGET]).shape[1]
+    with editor_installed(unet, editor, inversion.steps, inversion.latent_shape, context_tokens) as state, \
             autograd_weights(unet) if state.controller.guides_target else nullcontext():
         denoiser.call_state = state
         return core_edit(denoiser, inversion, offsets=offsets, x_target=x_target, callback=callback,

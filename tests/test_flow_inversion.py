@@ -191,7 +191,7 @@ def test_wrong_family_is_refused(diffusers_backend, tiny_unet, flow):
         d.invert(s["model"], s["scheduler"], s["z0"], s["source"][0], steps=4, method="euler")
     with pytest.raises(ValueError, match="not DDIMScheduler"):
         d.invert(s["model"], T.sd_scheduler(), s["z0"], s["source"], steps=4, method="euler")
-    with pytest.raises(ValueError, match="Editors work on UNet models"):
+    with pytest.raises(ValueError, match="does not work on SD3/Flux's joint attention"):
         d.edit(s["model"], s["scheduler"], flow_inversion, s["target"], None, cfg=1.0,
                editor=object())
 

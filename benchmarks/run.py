@@ -44,7 +44,9 @@ Flow rows (--size tiny-sd3 / tiny-flux / sd35-medium / flux-dev; benchmarks/harn
 measures, with the transformer's sample-evaluations counted (the JSON keeps the key names: "unet_evals" counts the
 transformer's), for FLOW_CASES: "euler + DI", "euler (DI off)", "rf_solver + DI" and, SD3 sizes only (Flux dev is
 guidance-distilled: sampled at CFG 1, where negative-prompt inversion is Euler's, and null-text is refused),
-"negative_prompt + DI" and "null_text + DI". No editors (they act on UNets). Every inversion runs at guidance 1
+"negative_prompt + DI" and "null_text + DI", and the editors on joint attention: "euler + DI + P2P", "euler + DI +
+MasaCtrl", "euler + DI + PnP" and "rf_solver + DI + P2P" (editors/joint.py; P2P a one-word swap over the family's
+text tokens, MasaCtrl and PnP with their defaults). Every inversion runs at guidance 1
 (Flux: embedded guidance 3.5); the edit guides as the family is sampled, SD3 at CFG 4.5 with a negative prompt,
 Flux dev at CFG 1 with embedded guidance 3.5, and records the run's "cfg" and "flux_guidance" in the JSON. No
 targets are judged (they are set for SD1.5). A flow schedule of N steps has N + 1 distinct levels (sigma = 0,
@@ -65,6 +67,13 @@ Flux at CFG 1: 1), per image:
   most 13N at 10 inner steps. The tiny SD3's prompts move its prediction little, so its losses start below the
   early-stop threshold and every step stops after one iteration (4N, 200 at 50 steps): its row is null-text's
   least cost; a trained model's early steps run more iterations.
+- with an editor, the source branch's prediction is guided (g) with MasaCtrl (its target's unconditional half
+  attends to the source's), its conditional half alone (1) with P2P (the offsets pin the source anyway) and with PnP
+  (its source is the empty prompt's unguided reconstruction): euler + DI + P2P / PnP: N + N * (1 + g), SD3 4N,
+  Flux 3N; euler + DI + MasaCtrl: as euler + DI; rf_solver + DI + P2P: 2N + 2N * (1 + g). Their attention costs
+  differ: P2P computes the probabilities of the image queries (head-chunked, float32) at every joint layer it edits
+  or reads maps from, MasaCtrl attends the image queries a second time over the source's image keys, PnP swaps
+  tensors only.
 The diffusers and ComfyUI backends count the same (ComfyUI's model holds the diffusers one's weights, so even
 null-text's early stops agree).
 """
@@ -103,12 +112,16 @@ CASES = [  # (name, inversion method, editor, offsets)
     ("reference loop (DI + P2P)", "reference", None, "source"),
 ]
 CASE_NAMES = [c[0] for c in CASES]
-FLOW_CASES = [  # the flow sizes' cases (SD3/SD3.5 and Flux: no editors), in the same form
+FLOW_CASES = [  # the flow sizes' cases (SD3/SD3.5 and Flux), in the same form
     ("euler + DI", "euler", None, "source"),
     ("euler (DI off)", "euler", None, "off"),
     ("rf_solver + DI", "rf_solver", None, "source"),
     ("negative_prompt + DI", "negative_prompt", None, "source"),
     ("null_text + DI", "null_text", None, "source"),
+    ("euler + DI + P2P", "euler", "p2p", "source"),
+    ("euler + DI + MasaCtrl", "euler", "masactrl", "source"),
+    ("euler + DI + PnP", "euler", "pnp", "source"),
+    ("rf_solver + DI + P2P", "rf_solver", "p2p", "source"),
 ]
 FLOW_CASE_NAMES = [c[0] for c in FLOW_CASES]
 # Cases of the SD3 family only: Flux dev is guidance-distilled and sampled at CFG 1, where negative-prompt inversion is
@@ -136,6 +149,10 @@ def make_editor(kind, size: str, bench: Bench):
     if kind == "p2p":  # a one-word swap, with word positions from a toy vocabulary
         tokens = SHAPES[size][1]
         vocab = {"a": [1], "cat": [2], "dog": [3], "sitting": [4], "on": [5], "bench": [6]}
+        if is_flow(size):  # per text encoder, as the P2P Editor node gives them
+            encoders = flow_encoders(size, vocab)
+            key, source, target, window = encoders[0]
+            return editors.prompt_to_prompt(source, target, max_tokens=window, encoders=encoders)
         tok = lambda text: editors.tokenize_words(text, vocab.__getitem__, 100, 101, max_len=tokens)  # noqa: E731
         return editors.prompt_to_prompt(tok("a cat sitting on a bench"), tok("a dog sitting on a bench"),
                                         max_tokens=tokens)
@@ -143,9 +160,28 @@ def make_editor(kind, size: str, bench: Bench):
         return editors.MasaCtrlEditor()
     if kind == "p2p_zero":
         return editors.P2PZeroEditor()
+    if is_flow(size):  # the family's PnP blocks (editors.joint.FLOW_LAYERS)
+        return editors.PnPEditor(source_conditioning=bench.null)
     # PnP: the reference's decoder positions (4) where the UNet has them, the toy UNet's equivalent (3) there
     position = 3 if size == "tiny" else 4
     return editors.PnPEditor(feature_block=position, attention_from_block=position, source_conditioning=bench.null)
+
+
+def flow_encoders(size: str, vocab: dict) -> list:
+    """P2P's per-encoder prompts for a flow size's text tokens: SD3.5's 77 CLIP then 256 T5 tokens, Flux dev's 512 T5
+    tokens (T5: no start token, end 1); the tiny sizes' tokens as one CLIP window (SD3) or T5 window (Flux)."""
+    from comfyui_direct_inversion import editors
+
+    def tok(text, clip, window):
+        start, end = (100, 101) if clip else (None, 1)
+        return editors.tokenize_words(text, vocab.__getitem__, start, end, max_len=window)
+
+    prompts = ("a cat sitting on a bench", "a dog sitting on a bench")
+    if size == "sd35-medium":
+        windows = [("l", True, 77), ("t5xxl", False, 256)]
+    else:
+        windows = [("l", True, SHAPES[size][1])] if FLOW_SIZES[size] == "sd3" else [("t5xxl", False, SHAPES[size][1])]
+    return [(key, tok(prompts[0], clip, window), tok(prompts[1], clip, window), window) for key, clip, window in windows]
 
 
 def edit_prompts(kind, bench: Bench) -> dict:

@@ -223,7 +223,8 @@ class DirectInversionSampler(io.ComfyNode):
                                 tooltip="Optional start of the target branch in the scaling of Invert's z_T output "
                                         "(default: z_T itself)."),
                 EDITOR.Input("editor", optional=True,
-                             tooltip="An editor (P2P, MasaCtrl, PnP or P2P-Zero Editor) acting on the target branch; its target "
+                             tooltip="An editor (P2P, MasaCtrl, PnP or P2P-Zero Editor; on SD3/Flux P2P, MasaCtrl or PnP, "
+                                     "on their joint attention) acting on the target branch; its target "
                                      "conditioning goes to the target input."),
             ],
             outputs=[

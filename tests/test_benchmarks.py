@@ -355,11 +355,12 @@ def test_comfyui_recognises_the_flow_benchmark_transformers(comfyui_path, meta_t
 
 def test_flow_cases_follow_the_size(bench_run):
     assert bench_run.parse_args([]).cases == bench_run.CASE_NAMES  # UNet sizes: their cases, unchanged
-    sd3 = ["euler + DI", "euler (DI off)", "rf_solver + DI", "negative_prompt + DI", "null_text + DI"]
+    editors = ["euler + DI + P2P", "euler + DI + MasaCtrl", "euler + DI + PnP", "rf_solver + DI + P2P"]
+    sd3 = ["euler + DI", "euler (DI off)", "rf_solver + DI", "negative_prompt + DI", "null_text + DI"] + editors
     for size in ("tiny-sd3", "sd35-medium"):
         assert bench_run.parse_args(["--size", size]).cases == sd3
     for size in ("tiny-flux", "flux-dev"):
-        assert bench_run.parse_args(["--size", size]).cases == sd3[:3]
+        assert bench_run.parse_args(["--size", size]).cases == sd3[:3] + editors
     for argv in (["--size", "tiny-flux", "--cases", "null_text + DI"], ["--size", "tiny-sd3", "--cases", "ddim + DI"],
                  ["--cases", "euler + DI"]):
         with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
@@ -369,22 +370,27 @@ def test_flow_cases_follow_the_size(bench_run):
 
 FLOW_SETUP = {"euler + DI": ("euler", "source"), "euler (DI off)": ("euler", "off"),
               "rf_solver + DI": ("rf_solver", "source"), "negative_prompt + DI": ("negative_prompt", "source"),
-              "null_text + DI": ("null_text", "source")}
+              "null_text + DI": ("null_text", "source"), "euler + DI + P2P": ("euler", "source", "p2p"),
+              "euler + DI + MasaCtrl": ("euler", "source", "masactrl"), "euler + DI + PnP": ("euler", "source", "pnp"),
+              "rf_solver + DI + P2P": ("rf_solver", "source", "p2p")}
 
 
 def _flow_rows(bench_run, backend: str) -> dict:
     """Every flow case of both tiny sizes, in this process, checked against the count formulas of the command's
     documentation (N steps, none of zero length; g samples per guided prediction: SD3 at CFG 4.5 2, Flux at CFG 1
-    1), with the table the command prints of them."""
+    1; the source branch: guided (g) without an editor and with MasaCtrl, its conditional prediction alone (1) with P2P,
+    whose offsets pin it anyway, and with PnP, whose source is unguided), with the table the command prints of them."""
     n = STEPS
     rows = {}
     for size, g in (("tiny-sd3", 2), ("tiny-flux", 1)):
         args = bench_run.parse_args(["--size", size, "--steps", str(n), "--repeats", "1", "--backend", backend])
         rows[size] = {name: bench_run.run_case(name, args) for name in args.cases}
         expected = {"euler + DI": (n, n + 2 * g * n), "euler (DI off)": (n, n + 2 * g * n),
-                    "rf_solver + DI": (2 * n, 2 * n + 2 * 2 * g * n), "negative_prompt + DI": (n, n + 2 * g * n)}
+                    "rf_solver + DI": (2 * n, 2 * n + 2 * 2 * g * n), "negative_prompt + DI": (n, n + 2 * g * n),
+                    "euler + DI + P2P": (n, n + (1 + g) * n), "euler + DI + MasaCtrl": (n, n + 2 * g * n),
+                    "euler + DI + PnP": (n, n + (1 + g) * n), "rf_solver + DI + P2P": (2 * n, 2 * n + 2 * (1 + g) * n)}
         for name, row in rows[size].items():
-            assert (row["method"], row["offsets"]) == FLOW_SETUP[name] and row["editor"] is None
+            assert (row["method"], row["offsets"], row["editor"]) == (FLOW_SETUP[name] + (None,))[:3], name
             assert (row["backend"], row["size"], row["steps"]) == (backend, size, n)
             assert set(row) == CASE_FIELDS | INVERSION_FIELDS, name
             assert len(row["seconds_all"]) == 1 and _finite(row["seconds_median"]) and row["seconds_median"] > 0
@@ -405,7 +411,8 @@ def _flow_rows(bench_run, backend: str) -> dict:
             inv = row["unet_evals_inversion"]
             assert line[bench_run.NAME_WIDTH:bench_run.NAME_WIDTH + 22].strip() == \
                 f"{inv} + {row['unet_evals'] - inv} = {row['unet_evals']}", line
-    assert list(rows["tiny-flux"]) == ["euler + DI", "euler (DI off)", "rf_solver + DI"]
+    assert list(rows["tiny-flux"]) == ["euler + DI", "euler (DI off)", "rf_solver + DI", "euler + DI + P2P",
+                                       "euler + DI + MasaCtrl", "euler + DI + PnP", "rf_solver + DI + P2P"]
     return rows
 
 

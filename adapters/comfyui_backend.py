@@ -22,6 +22,7 @@ and feature patches for editors); this module runs inversions and edits with the
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -189,6 +190,7 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
     if not method.uses_offsets and offsets != "off" and chosen != "auto":
         log.info("[DirectInversion] %s reconstructs exactly without offsets; offsets=%s does not apply.",
                  inversion.method, offsets)
+    editor = _source_guidance(model, editor, inversion)
     plan = method.plan(inversion, cfg, negative, editor, lerp=lerp_conditioning)
     _warn_distilled_cfg(model, plan.guidance)
     if plan.guidance != cfg:
@@ -230,6 +232,19 @@ def direct_inversion(model, inversion: Inversion, positive, negative, cfg: float
     return DirectInversionOutput(edited=edited, source=source, offsets=trajectory,
                                  editor_state=held["editor"].controller if "editor" in held else None,
                                  step_stats=held.get("stats"))
+
+
+def _source_guidance(model, editor, inversion: Inversion):
+    """On Flux, an editor's own source prompt (PnP's empty prompt, encoded by the editor node, where no FluxGuidance
+    reaches it) takes the inversion's embedded guidance, as its source branch retraces the inversion."""
+    own = getattr(editor, "source_conditioning", None)
+    if not own or not guidance_distilled(model) or not dataclasses.is_dataclass(editor):
+        return editor
+    guidance = next((o["guidance"] for _, o in inversion.conditioning if o.get("guidance") is not None), None)
+    if guidance is None:
+        return editor
+    entries = [[c, {**o, "guidance": guidance}] for c, o in own]
+    return dataclasses.replace(editor, source_conditioning=entries)
 
 
 def _warn_distilled_cfg(model, cfg: float) -> None:

@@ -125,6 +125,9 @@ def joint_attention_layers(model) -> Optional[tuple]:
     entries = []
     if hasattr(net, "joint_blocks"):
         family = "sd3"
+        if getattr(net, "register_length", 0):
+            raise ValueError("Editors need the text tokens alone before the image tokens; this MMDiT adds register "
+                             "tokens to them.")
         for i, block in enumerate(net.joint_blocks):
             entries.append((("double", i), "double", i))
             if getattr(block.x_block, "x_block_self_attn", False):
@@ -168,6 +171,8 @@ def _attention_override(layers: dict, controller, previous: Optional[Callable]):
     (in ``[b, n, heads * d]`` layout; its ``attend`` is ComfyUI's attention, or the override that was there before),
     everything else runs untouched."""
 
+    warned: list = []
+
     def override(func, *args, **kwargs):
         def untouched():
             return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
@@ -186,6 +191,11 @@ def _attention_override(layers: dict, controller, previous: Optional[Callable]):
         elif tokens == image and ("image", index) in layers:
             layer, text_tokens = layers[("image", index)], 0
         else:
+            if not warned:
+                warned.append(True)
+                log.warning("[DirectInversion] an attention call of %s block %d has %d tokens, not its %d text + %d "
+                            "image tokens (a patch that adds tokens, or reference latents): the editor leaves such "
+                            "calls alone.", kind, index, tokens, text, image)
             return untouched()
         call = JointCall(layer=layer, heads=heads, branch=branch, level=level, chunks=_call_chunks(options),
                          text=text_tokens)
@@ -217,6 +227,9 @@ def _install_joint(model, editor, steps: int, latent_shape, family: str, layers:
         if not editor.encoders:
             raise ValueError("This P2P editor has no per-encoder token positions; make it with the P2P Editor node "
                              "and this model's CLIP.")
+        if context_tokens is None:
+            raise ValueError("Prompt-to-Prompt on SD3/Flux needs the target conditioning's text tokens; connect the "
+                             "P2P Editor's target output.")
         text = joint_text(family, editor.encoders, context_tokens)
     controller = start_joint(editor, list(layers.values()), steps, latent_shape, family, text)
     options = model.model_options.setdefault("transformer_options", {})
@@ -247,6 +260,9 @@ def install_editor(model, editor, steps: int, latent_shape, context_tokens: Opti
     Returns an :class:`InstalledEditor`: the editor's per-run state and the forward hooks (they sit on the shared
     diffusion model, not the clone), which its ``close`` removes: call it in ``finally``.
     """
+    if "multigpu_clones" in model.model_options:
+        raise ValueError("Editors do not run on ComfyUI's multi-GPU sampling (the model has device clones): the "
+                         "branches' attention must meet on one device. Edit on one GPU.")
     joint = joint_attention_layers(model)
     if joint is not None:
         return _install_joint(model, editor, steps, latent_shape, *joint, context_tokens)

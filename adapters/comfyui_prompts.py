@@ -16,7 +16,10 @@ from typing import Optional, Sequence
 from ..editors.p2p_alignment import TokenizedPrompt, tokenize_words
 from ..editors.p2p_zero import edit_direction
 
-__all__ = ["EncodablePrompt", "directed_conditioning", "tokenized_prompt", "tokenized_prompt_with"]
+__all__ = ["EncodablePrompt", "directed_conditioning", "encoder_prompts", "tokenized_prompt", "tokenized_prompt_with"]
+
+# tokenizer key -> the attribute of ComfyUI's text-encoder model holding that encoder (None when the CLIP lacks it)
+_ENCODER_MODELS = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl"}
 
 
 @dataclass
@@ -34,10 +37,18 @@ def _ids(chunk) -> list[int]:
     return [int(t[0]) for t in chunk]
 
 
-def _frame(empty: list[int], one_word: list[int]) -> tuple[Optional[int], int]:
+def _frame(key: str, empty: list[int], one_word: list[int]) -> tuple[Optional[int], int]:
     """(start token or None, end token) of an encoder, from its tokens of "" and of one word: CLIP frames prompts with
     a start and an end token, T5 ends them only."""
-    return (empty[0], empty[1]) if empty[0] == one_word[0] else (None, empty[0])
+    if not empty or not one_word:
+        raise ValueError(f"The text encoder {key!r} frames prompts without an end token; Prompt-to-Prompt cannot place "
+                         f"words in its tokens.")
+    if empty[0] == one_word[0]:
+        if len(empty) < 2:
+            raise ValueError(f"The text encoder {key!r} frames prompts without an end token; Prompt-to-Prompt cannot "
+                             f"place words in its tokens.")
+        return empty[0], empty[1]
+    return None, empty[0]
 
 
 def _separate(key: str) -> bool:
@@ -54,7 +65,7 @@ def tokenized_prompt_with(tokenize, text: str, name: str = "source") -> Encodabl
             raise ValueError(f"The {name} prompt {text!r} does not fit the text encoder's window of "
                              f"{len(empty[key][0])} tokens; shorten it for Prompt-to-Prompt.")
         ids = _ids(chunks[0])
-        start, end = _frame(_ids(empty[key][0]), _ids(probe[key][0]))
+        start, end = _frame(key, _ids(empty[key][0]), _ids(probe[key][0]))
         skip = 0 if start is None else 1
 
         def pieces(word: str) -> list[int]:
@@ -74,6 +85,27 @@ def tokenized_prompt_with(tokenize, text: str, name: str = "source") -> Encodabl
     if any(encoders[key][0].spans != result.spans for key in shared):
         raise ValueError(f"The text encoders split the {name} prompt into different tokens; cannot align it.")
     return EncodablePrompt(prompt=result, tokens=full, window=window, encoders=encoders)
+
+
+def encoder_prompts(clip, source: EncodablePrompt, target: EncodablePrompt) -> list[tuple]:
+    """P2P's per-encoder prompts ``(key, source, target, window)`` of the text encoders the CLIP has (ComfyUI's SD3
+    tokenizer tokenises for CLIP-L, CLIP-G and T5 whichever of them are loaded). Both prompts must make as many tokens
+    per encoder (T5 pads to a minimum, 77 on SD3 and 256 on Flux, and grows beyond it)."""
+    model = getattr(clip, "cond_stage_model", None)
+    out = []
+    for key, (prompt, window) in source.encoders.items():
+        attribute = _ENCODER_MODELS.get(key)
+        if attribute is not None and model is not None and hasattr(model, attribute) and getattr(model, attribute) is None:
+            continue  # tokenised, but not encoded: no tokens of it in the conditioning
+        if key not in target.encoders:
+            continue
+        other, other_window = target.encoders[key]
+        if other_window != window:
+            raise ValueError(f"The source prompt makes {window} and the target prompt {other_window} tokens of the "
+                             f"{key} text encoder; Prompt-to-Prompt needs the same number: shorten the longer prompt "
+                             f"to fit the encoder's minimum ({min(window, other_window)} tokens).")
+        out.append((key, prompt, other, window))
+    return out
 
 
 def tokenized_prompt(clip, text: str, name: str = "source") -> EncodablePrompt:

@@ -16,16 +16,20 @@ carried over as follows (n = sampling step, N steps):
   text keys and values and to the source's image keys and values (the text block is untouched, as MasaCtrl leaves a
   UNet's cross-attention alone); each half to the same half of the source. A mask splits the image keys into
   foreground and background attention as on UNets (text keys belong to both).
-- **Plug-and-Play.** In the family's PnP layers the target's image tokens take the source's values (the features:
-  RF-Solver-Edit's value injection) for n < int(feature_injection * N) and the source's queries and keys (the image
-  -> image attention, PnP's self-attention injection) for n < int(attention_injection * N).
+- **Plug-and-Play.** In the family's PnP layers the target's image tokens take the source's values (the features,
+  after RF-Solver-Edit's value injection, which replaces the text tokens' values too and takes them from the inversion
+  with the source prompt; here only the image tokens', from PnP's source branch, the empty prompt's reconstruction)
+  for n < int(feature_injection * N) and the source's queries and keys (the image -> image attention, PnP's
+  self-attention injection) for n < int(attention_injection * N). The target's text tokens attend to the injected
+  image keys and values too, so their outputs change as well.
 
 Layers are numbered in forward order over the model's transformer blocks (SD3: joint blocks; Flux: double-stream
 blocks, then single-stream blocks); SD3.5's image-only attention of a joint block shares the block's number. Which
 layers each editor uses per family is :data:`FLOW_LAYERS`.
 
 Probabilities are computed only for the calls whose blocks an editor reads or replaces, in float32, a few heads at a
-time (``PROBS_BUDGET`` bytes per chunk); every other call runs the backend's attention.
+time (``PROBS_BUDGET`` bytes per probability tensor of a chunk; the source's, the target's and their mix live at once);
+every other call runs the backend's attention.
 
 Tensors: q, k, v are ``[batch, tokens, heads * head_dim]``; a call's batch is chunks of equal size in the order of
 ``chunks`` (``"cond"`` / ``"uncond"``), as in :mod:`.attention`.
@@ -189,18 +193,21 @@ def joint_text(family: str, encoders: Sequence[tuple], tokens: int) -> JointText
     by_key = {key: (source, target, window) for key, source, target, window in encoders}
     present = [next(key for key in group if key in by_key) for group in _layers_of(family).text
                if any(key in by_key for key in group)]
-    for size in range(len(present), 0, -1):
-        for first in range(len(present) - size + 1):
-            chosen = present[first:first + size]
-            if sum(by_key[key][2] for key in chosen) != tokens:
-                continue
-            segments, offset = [], 0
-            for key in chosen:
-                source, target, window = by_key[key]
-                segments.append((offset, source, target))
-                offset += window
-            return JointText(segments=tuple(segments), tokens=tokens)
+    matches = [present[first:first + size] for size in range(len(present), 0, -1)
+               for first in range(len(present) - size + 1)
+               if sum(by_key[key][2] for key in present[first:first + size]) == tokens]
     windows = ", ".join(f"{key} {by_key[key][2]}" for key in present) or "none"
+    if len(matches) > 1:
+        raise ValueError(f"The conditioning's {tokens} text tokens could come from several of the P2P Editor's text "
+                         f"encoders (windows: {windows}); the editor cannot tell whose word positions to use. Give "
+                         f"the P2P Editor the CLIP the model runs with.")
+    if matches:
+        segments, offset = [], 0
+        for key in matches[0]:
+            source, target, window = by_key[key]
+            segments.append((offset, source, target))
+            offset += window
+        return JointText(segments=tuple(segments), tokens=tokens)
     raise ValueError(f"The conditioning has {tokens} text tokens, which no combination of the P2P Editor's text "
                      f"encoders makes (windows: {windows}); connect the P2P Editor's source and target outputs, encoded "
                      f"with this model's CLIP.")
@@ -261,12 +268,16 @@ class _JointController(EditController):
 
     def slot(self, call: JointCall) -> tuple:
         """The cache key of a call: its layer and which evaluation of the level it is in its branch (RF-Solver
-        evaluates twice per step; the target's i-th evaluation reads the source's i-th). Calls of one prediction split
-        by halves (ComfyUI, when memory is short) count apart."""
-        key = (call.branch, call.layer.key, call.chunks)
-        level, count = self._counts.get(key, (None, -1))
-        count = count + 1 if level == call.level else 0
-        self._counts[key] = (call.level, count)
+        evaluates twice per step; the target's i-th evaluation reads the source's i-th). Counted per half, so that
+        a prediction ComfyUI runs in one call for one evaluation and split by halves for another (when memory is
+        short) still pairs up."""
+        count = 0
+        for role in dict.fromkeys(call.chunks):
+            key = (call.branch, call.layer.key, role)
+            level, seen = self._counts.get(key, (None, -1))
+            seen = seen + 1 if level == call.level else 0
+            self._counts[key] = (call.level, seen)
+            count = max(count, seen)
         return call.layer.key, count
 
     def step_of(self, level: int) -> int:
@@ -332,7 +343,7 @@ class JointP2P(_JointController):
         slot = self.slot(call)
         if call.branch == "source":
             if cross or self_:
-                self.cache[slot] = (qc[:, t:], kc)
+                self.cache[slot] = (qc[:, t:].clone(), kc.clone())  # copies: the call's tensors can go
             if stores:
                 self._store("source", self._text_block(qc[:, t:], kc, call.heads, t))
             return attend(q, k, v)
@@ -506,7 +517,8 @@ class JointMasaCtrl(_JointController):
         roles = _role_rows(call.chunks, q.shape[0], "MasaCtrl")
         t, slot = call.text, self.slot(call)
         if call.branch == "source":
-            self.cache.setdefault(slot, {}).update({role: (k[s, t:], v[s, t:]) for role, s in roles.items()})
+            self.cache.setdefault(slot, {}).update({role: (k[s, t:].clone(), v[s, t:].clone())
+                                                    for role, s in roles.items()})
             return attend(q, k, v)
         source = self.cache.get(slot)
         if source is None or any(role not in source for role in roles):
@@ -570,13 +582,17 @@ class JointPnP(_JointController):
 
     def wants(self, call: JointCall) -> bool:
         n = self.step_of(call.level)
-        return call.layer.key in self.injected_keys and (n < self.feature_steps or n < self.attention_steps)
+        if n >= self.feature_steps and n >= self.attention_steps:
+            self.cache.clear()  # past both windows: the source's tensors are not needed any more
+            return False
+        return call.layer.key in self.injected_keys
 
     def attention(self, q, k, v, call: JointCall, attend: Attend) -> torch.Tensor:
         roles = _role_rows(call.chunks, q.shape[0], "PnP")
         t, slot = call.text, self.slot(call)
         if call.branch == "source":
-            self.cache.setdefault(slot, {}).update({role: (q[s, t:], k[s, t:], v[s, t:]) for role, s in roles.items()})
+            self.cache.setdefault(slot, {}).update({role: (q[s, t:].clone(), k[s, t:].clone(), v[s, t:].clone())
+                                                    for role, s in roles.items()})
             return attend(q, k, v)
         source = self.cache.get(slot)
         if source is None:

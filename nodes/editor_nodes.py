@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..adapters.comfyui_prompts import directed_conditioning, tokenized_prompt
+from ..adapters.comfyui_prompts import directed_conditioning, encoder_prompts, tokenized_prompt
 from ..editors import P2P_MODES, MasaCtrlEditor, P2PZeroEditor, PnPEditor, prompt_to_prompt, word_positions
 
 CATEGORY = "inversion/editors"
@@ -77,8 +77,9 @@ class P2PEditorNode(io.ComfyNode):
                                tooltip="Fraction of the steps whose cross-attention maps come from the source "
                                        "(PIE-Bench 0.4, the P2P examples 0.8)."),
                 io.Float.Input("self_replace_steps", default=0.6, min=0.0, max=1.0, step=0.05,
-                               tooltip="Fraction of the steps whose self-attention (layers of at most 32x32 queries) "
-                                       "comes from the source."),
+                               tooltip="Fraction of the steps whose self-attention (UNets: layers of at most 32x32 "
+                                       "queries; SD3/Flux: every joint block's image -> image attention) comes from "
+                                       "the source."),
                 io.String.Input("reweight_words", default="", tooltip="Comma-separated words of the target prompt to reweight."),
                 io.String.Input("reweight_values", default="", tooltip="Comma-separated scales, one per reweight word "
                                                                         "(e.g. 2 strengthens, 0 removes)."),
@@ -106,8 +107,7 @@ class P2PEditorNode(io.ComfyNode):
             self_replace_steps=self_replace_steps, reweight=parse_reweight(reweight_words, reweight_values),
             blend_source_words=parse_words(blend_source_words), blend_target_words=parse_words(blend_target_words),
             blend_threshold=blend_threshold, blend_start=blend_start, mask=mask, max_tokens=source.window,
-            encoders=[(key, prompt, target.encoders[key][0], window) for key, (prompt, window) in source.encoders.items()
-                      if key in target.encoders])
+            encoders=encoder_prompts(clip, source, target))
         return io.NodeOutput(editor, source.encode(clip), target.encode(clip))
 
 

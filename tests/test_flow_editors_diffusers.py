@@ -214,7 +214,9 @@ def test_backends_give_the_same_edit(comfy_backend, diffusers_backend, editors, 
     inv_d = d.invert(s["model"], s["scheduler"], s["z0"], s["source"], s["null"], steps=AGREE_STEPS, method="euler",
                      flux_guidance=guidance)
     free = d.edit(s["model"], s["scheduler"], inv_d, s["target"], s["null"], cfg=cfg, flux_guidance=guidance).edited
-    comfy_editors = agreement_editors(editors, kind, conds["null"])
+    # PnP's own source prompt as the PnP Editor node encodes it: without FluxGuidance (it takes the inversion's 3.0,
+    # not ComfyUI's default 3.5, as the diffusers backend does)
+    comfy_editors = agreement_editors(editors, kind, F.comfy_flow_conditioning(*s["null"]))
     for name, editor in agreement_editors(editors, kind, s["null"]).items():
         with torch.inference_mode():
             out_c = comfy_backend.direct_inversion(model, inv_c, conds["target"], conds["null"], cfg=cfg,

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .attention import Attend, EditController, check_mask_batch, chunk_rows, query_grid
 from .masactrl import REFERENCE_LAYERS, REFERENCE_START_LAYER
+from .p2p import LocalBlend
 from .p2p_alignment import equalizer, refinement_mapper, replacement_mapper, word_positions
 
 __all__ = ["FLOW_LAYERS", "FlowLayers", "JointCall", "JointLayer", "JointMasaCtrl", "JointP2P", "JointPnP", "JointText",
@@ -289,7 +290,7 @@ class _JointController(EditController):
 
 
 # -- Prompt-to-Prompt -------------------------------------------------------------------------------------------------
-class JointP2P(_JointController):
+class JointP2P(LocalBlend, _JointController):
     """Prompt-to-Prompt on joint attention (see the module docstring); ``maps`` / ``word_maps`` / ``blend_mask`` /
     ``after_step`` as :class:`.p2p.P2PController`'s."""
 
@@ -422,53 +423,12 @@ class JointP2P(_JointController):
         self.maps[branch] = self.maps.get(branch, 0) + maps
         self.map_calls[branch] = self.map_calls.get(branch, 0) + 1
 
-    # -- maps and local blend ------------------------------------------------------------------------------------
-    def average_maps(self, branch: str = "target") -> Optional[torch.Tensor]:
-        if branch not in self.maps:
-            return None
-        maps = self.maps[branch] / self.map_calls[branch]
-        h, w = query_grid(self.latent_hw, maps.shape[1])
-        return maps.reshape(maps.shape[0], h, w, maps.shape[-1])
+    # -- word positions for the maps and local blend (see p2p.LocalBlend) ------------------------------------
+    def _word_spans(self, branch: str) -> list[tuple[str, list]]:
+        return self.text.words(branch)
 
-    def word_maps(self, branch: str = "target") -> list[tuple[str, torch.Tensor]]:
-        maps = self.average_maps(branch)
-        if maps is None:
-            return []
-        return [(word, maps[..., positions].sum(-1)) for word, positions in self.text.words(branch)]
-
-    def _word_mask(self, branch: str, words: Sequence[str], shape) -> torch.Tensor:
-        maps = self.average_maps(branch)
-        if maps is None:
-            return torch.ones((1, 1) + tuple(shape), dtype=torch.bool)
-        selected = maps[..., self.text.positions(branch, words)].sum(-1)[:, None]
-        selected = F.max_pool2d(selected, 3, 1, padding=1)
-        selected = F.interpolate(selected, size=shape)
-        peak = selected.amax(dim=(2, 3), keepdim=True)
-        return (selected / peak.clamp_min(1e-12)).gt(self.editor.blend_threshold) & (peak > 0)
-
-    def blend_mask(self, x: torch.Tensor) -> torch.Tensor:
-        shape = tuple(x.shape[-2:])
-        if self.editor.mask is not None:
-            if self.user_mask is None:
-                mask = self.editor.mask
-                mask = mask[None] if mask.ndim == 2 else mask
-                self.user_mask = F.interpolate(mask[:, None].to(x.device, torch.float32), size=shape, mode="area")
-            return self.user_mask
-        region = torch.zeros((x.shape[0], 1) + shape, dtype=torch.bool, device=x.device)
-        if self.editor.blend_source_words:
-            region |= self._word_mask("source", self.editor.blend_source_words, shape).to(x.device)
-        if self.editor.blend_target_words:
-            region |= self._word_mask("target", self.editor.blend_target_words, shape).to(x.device)
-        return region.float()
-
-    def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
-        if not self.editor.local_blend or step < self.blend_from:
-            return x_target
-        mask = self.blend_mask(x_target).to(x_target.dtype)
-        if self.editor.record:
-            self.blend_masks.append((step, mask.detach().cpu()))
-        return x_source + mask * (x_target - x_source)
-
+    def _positions(self, branch: str, words: Sequence[str]) -> list[int]:
+        return self.text.positions(branch, words)
 
 
 # -- MasaCtrl -------------------------------------------------------------------------------------------------------

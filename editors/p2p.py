@@ -30,7 +30,7 @@ from .attention import (AttentionCall, AttentionLayer, Attend, EditController, a
 from ..inversion.types import check_number
 from .p2p_alignment import TokenizedPrompt, auto_mode, equalizer, refinement_mapper, replacement_mapper, word_positions
 
-__all__ = ["P2P_MODES", "P2PController", "P2PEditor", "prompt_to_prompt"]
+__all__ = ["P2P_MODES", "LocalBlend", "P2PController", "P2PEditor", "prompt_to_prompt"]
 
 P2P_MODES = ("auto", "replace", "refine")
 REWEIGHT_LIMIT = 100.0  # |scale| of a word's attention: beyond it a value only makes the attention overflow
@@ -149,7 +149,64 @@ def map_factor(layers: Sequence[AttentionLayer]) -> Optional[int]:
     return min(factors, key=lambda f: (abs(math.log2(f) - math.log2(MAP_FACTOR)), -f))
 
 
-class P2PController(EditController):
+class LocalBlend:
+    """Attention maps and local blend, shared by the UNet and the joint-attention Prompt-to-Prompt controllers: they
+    sum head-averaged ``[B, queries, tokens]`` maps per branch in ``maps`` / ``map_calls`` and name a branch's word
+    positions (``_word_spans``, ``_positions``); the editor gives the mask, blend words, threshold and start."""
+
+    def average_maps(self, branch: str = "target") -> Optional[torch.Tensor]:
+        """``[B, h, w, tokens]`` cross-attention maps of ``branch`` averaged over the steps and map layers so far."""
+        if branch not in self.maps:
+            return None
+        maps = self.maps[branch] / self.map_calls[branch]
+        h, w = query_grid(self.latent_hw, maps.shape[1])
+        return maps.reshape(maps.shape[0], h, w, maps.shape[-1])
+
+    def word_maps(self, branch: str = "target") -> list[tuple[str, torch.Tensor]]:
+        """Per word of the branch's prompt: its ``[B, h, w]`` average map (summed over the word's tokens)."""
+        maps = self.average_maps(branch)
+        if maps is None:
+            return []
+        return [(word, maps[..., [p for p in span if p < maps.shape[-1]]].sum(-1))
+                for word, span in self._word_spans(branch)]
+
+    def _word_mask(self, branch: str, words: Sequence[str], shape) -> torch.Tensor:
+        maps = self.average_maps(branch)
+        if maps is None:  # no map recorded yet (e.g. EDICT at 2 steps): the target is left as it is
+            return torch.ones((1, 1) + tuple(shape), dtype=torch.bool)
+        positions = self._positions(branch, words)
+        selected = maps[..., [p for p in positions if p < maps.shape[-1]]].sum(-1)[:, None]  # [B, 1, h, w]
+        selected = F.max_pool2d(selected, 3, 1, padding=1)
+        selected = F.interpolate(selected, size=shape)
+        peak = selected.amax(dim=(2, 3), keepdim=True)
+        return (selected / peak.clamp_min(1e-12)).gt(self.editor.blend_threshold) & (peak > 0)
+
+    def blend_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B or 1, 1, H, W]`` region the target may change at this step."""
+        shape = tuple(x.shape[-2:])
+        if self.editor.mask is not None:
+            if self.user_mask is None:  # resized and moved to the device once per run
+                mask = self.editor.mask
+                mask = mask[None] if mask.ndim == 2 else mask
+                self.user_mask = F.interpolate(mask[:, None].to(x.device, torch.float32), size=shape, mode="area")
+            return self.user_mask
+        region = torch.zeros((x.shape[0], 1) + shape, dtype=torch.bool, device=x.device)
+        if self.editor.blend_source_words:
+            region |= self._word_mask("source", self.editor.blend_source_words, shape).to(x.device)
+        if self.editor.blend_target_words:
+            region |= self._word_mask("target", self.editor.blend_target_words, shape).to(x.device)
+        return region.float()
+
+    def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
+        if not self.editor.local_blend or step < self.blend_from:
+            return x_target
+        mask = self.blend_mask(x_target).to(x_target.dtype)
+        if self.editor.record:
+            self.blend_masks.append((step, mask.detach().cpu()))
+        return x_source + mask * (x_target - x_source)
+
+
+class P2PController(LocalBlend, EditController):
     """One run of a :class:`P2PEditor` over a UNet's attention layers (see the module docstring)."""
 
     def __init__(self, editor: P2PEditor, layers: Sequence[AttentionLayer], steps: int, latent_shape: Sequence[int]):
@@ -267,59 +324,14 @@ class P2PController(EditController):
         self.records.append({"step": self.step_of(call.level), "layer": call.layer, "branch": branch,
                              "probs": probs.detach().cpu()})
 
-    # -- maps and local blend -----------------------------------------------------------------------------------
-    def average_maps(self, branch: str = "target") -> Optional[torch.Tensor]:
-        """``[B, h, w, tokens]`` cross-attention maps of ``branch`` averaged over the steps and map layers so far."""
-        if branch not in self.maps:
-            return None
-        maps = self.maps[branch] / self.map_calls[branch]
-        h, w = query_grid(self.latent_hw, maps.shape[1])
-        return maps.reshape(maps.shape[0], h, w, maps.shape[-1])
-
-    def word_maps(self, branch: str = "target") -> list[tuple[str, torch.Tensor]]:
-        """Per word of the branch's prompt: its ``[B, h, w]`` average map (summed over the word's tokens)."""
-        maps = self.average_maps(branch)
-        if maps is None:
-            return []
+    # -- word positions for the maps and local blend (see LocalBlend) -------------------------------------------
+    def _word_spans(self, branch: str) -> list[tuple[str, tuple]]:
         prompt = self.editor.target if branch == "target" else self.editor.source
-        return [(word, maps[..., [p for p in span if p < maps.shape[-1]]].sum(-1))
-                for word, span in zip(prompt.words, prompt.spans)]
+        return list(zip(prompt.words, prompt.spans))
 
-    def _word_mask(self, branch: str, words: Sequence[str], shape) -> torch.Tensor:
-        maps = self.average_maps(branch)
-        if maps is None:  # no map recorded yet (e.g. EDICT at 2 steps): the target is left as it is
-            return torch.ones((1, 1) + tuple(shape), dtype=torch.bool)
+    def _positions(self, branch: str, words: Sequence[str]) -> list[int]:
         prompt = self.editor.source if branch == "source" else self.editor.target
-        positions = sorted({p for word in words for p in word_positions(prompt, word)})
-        selected = maps[..., [p for p in positions if p < maps.shape[-1]]].sum(-1)[:, None]  # [B, 1, h, w]
-        selected = F.max_pool2d(selected, 3, 1, padding=1)
-        selected = F.interpolate(selected, size=shape)
-        peak = selected.amax(dim=(2, 3), keepdim=True)
-        return (selected / peak.clamp_min(1e-12)).gt(self.editor.blend_threshold) & (peak > 0)
-
-    def blend_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B or 1, 1, H, W]`` region the target may change at this step."""
-        shape = tuple(x.shape[-2:])
-        if self.editor.mask is not None:
-            if self.user_mask is None:  # resized and moved to the device once per run
-                mask = self.editor.mask
-                mask = mask[None] if mask.ndim == 2 else mask
-                self.user_mask = F.interpolate(mask[:, None].to(x.device, torch.float32), size=shape, mode="area")
-            return self.user_mask
-        region = torch.zeros((x.shape[0], 1) + shape, dtype=torch.bool, device=x.device)
-        if self.editor.blend_source_words:
-            region |= self._word_mask("source", self.editor.blend_source_words, shape).to(x.device)
-        if self.editor.blend_target_words:
-            region |= self._word_mask("target", self.editor.blend_target_words, shape).to(x.device)
-        return region.float()
-
-    def after_step(self, step: int, x_source: torch.Tensor, x_target: torch.Tensor) -> torch.Tensor:
-        if not self.editor.local_blend or step < self.blend_from:
-            return x_target
-        mask = self.blend_mask(x_target).to(x_target.dtype)
-        if self.editor.record:
-            self.blend_masks.append((step, mask.detach().cpu()))
-        return x_source + mask * (x_target - x_source)
+        return sorted({p for word in words for p in word_positions(prompt, word)})
 
     def finish(self) -> None:
         self.cache.clear()

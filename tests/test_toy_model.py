@@ -114,8 +114,9 @@ def test_the_checker_reads_the_ground_truth_right():
 
 
 def test_committed_weights_are_small_and_load(toy):
-    files = sorted(model.WEIGHTS.glob("*.safetensors"))
-    assert [f.name for f in files] == ["text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
+    files = sorted(model.WEIGHTS.glob("*.safetensors"))  # the UNet model's, and the flow model's transformer
+    assert [f.name for f in files] == ["flow_transformer.safetensors", "text_encoder.safetensors", "unet.safetensors",
+                                       "vae.safetensors"]
     assert sum(f.stat().st_size for f in files) <= 20 * 10 ** 6
     assert toy.unet.config.cross_attention_dim == model.CONFIG["context_dim"]
     embeds = toy.embed(["a solid red circle on a white background", ""])

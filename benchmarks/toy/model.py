@@ -103,8 +103,21 @@ def make_scheduler():
                          clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon")
 
 
+class VAEImages:
+    """Images [B, 3, H, W] in [0, 1] <-> the toy VAE's scaled latents (its posterior mean), for a model holding
+    ``vae`` and ``scaling_factor``."""
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images.float() * 2.0 - 1.0).latent_dist.mean * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((self.vae.decode(latents.float() / self.scaling_factor).sample + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 @dataclass
-class ToyModel:
+class ToyModel(VAEImages):
     """The loaded model. Images are ``[B, 3, 64, 64]`` in [0, 1]; latents are scaled like SD's."""
 
     text_encoder: TextEncoder
@@ -117,14 +130,6 @@ class ToyModel:
         ids = tokenizer()(prompts)
         with torch.no_grad():
             return self.text_encoder(ids)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images.float() * 2.0 - 1.0).latent_dist.mean * self.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((self.vae.decode(latents.float() / self.scaling_factor).sample + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def save_part(module: nn.Module, path: Path, metadata: Optional[dict] = None, dtype=torch.float32) -> None:

@@ -468,7 +468,6 @@ def test_sd35_image_only_attention_is_edited(comfy_backend):
     image-only calls are edited as self-attention (P2P's self fraction: the source's probabilities; MasaCtrl: the
     source's keys and values), recomputed from the hooked calls."""
     from comfyui_direct_inversion.adapters.comfyui_editors import joint_attention_layers
-    from comfyui_direct_inversion.editors import MasaCtrlEditor
 
     transformer = F.tiny_diffusers_sd3(qk_norm="rms_norm", dual_attention_layers=(0,))
     model = F.comfy_sd3_from_diffusers(transformer)

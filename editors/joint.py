@@ -298,25 +298,14 @@ class JointP2P(LocalBlend, _JointController):
 
     def __init__(self, editor, text: JointText, layers, steps: int, latent_shape, family: str):
         super().__init__(layers, steps, latent_shape, family)
-        self.editor, self.text = editor, text
-        self.cross_steps = int(editor.cross_replace_steps * steps)
-        self.self_steps = int(editor.self_replace_steps * steps)
-        check_mask_batch("local-blend mask", editor.mask, latent_shape)
-        if not (self.cross_steps or self.self_steps or editor.reweight or editor.local_blend):
-            self.idle_reason = (f"P2P edits nothing: cross_replace_steps {editor.cross_replace_steps} and "
-                                f"self_replace_steps {editor.self_replace_steps} of {steps} steps are both under one "
-                                f"step, with no reweight or local blend, so the edit runs without P2P.")
-        self.blend_from = int(editor.blend_start * steps)
+        self._start(editor, steps, latent_shape)
+        self.text = text
         if editor.mode == "replace":
             self.mapping = ("replace", text.replace_mapper())
         else:
             self.mapping = ("refine",) + text.refine_mapper()
         self.scale = text.equalizer(editor.reweight)
         self.map_keys = {layer.key for layer in self.layers if layer.kind in self.choice.maps}
-        self.maps: dict = {}
-        self.map_calls: dict = {}
-        self.user_mask: Optional[torch.Tensor] = None
-        self.blend_masks: list = []
 
     def _edits(self, call: JointCall) -> tuple[bool, bool]:
         n = self.step_of(call.level)

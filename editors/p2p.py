@@ -154,6 +154,25 @@ class LocalBlend:
     sum head-averaged ``[B, queries, tokens]`` maps per branch in ``maps`` / ``map_calls`` and name a branch's word
     positions (``_word_spans``, ``_positions``); the editor gives the mask, blend words, threshold and start."""
 
+    def _start(self, editor, steps: int, latent_shape: Sequence[int]) -> None:
+        """The per-run settings both controllers share: step windows, the idle reason, local blend's start and the
+        map and mask stores."""
+        self.editor = editor
+        self.steps = steps
+        self.latent_hw = tuple(latent_shape[-2:])
+        self.cross_steps = int(editor.cross_replace_steps * steps)
+        self.self_steps = int(editor.self_replace_steps * steps)
+        check_mask_batch("local-blend mask", editor.mask, latent_shape)
+        if not (self.cross_steps or self.self_steps or editor.reweight or editor.local_blend):
+            self.idle_reason = (f"P2P edits nothing: cross_replace_steps {editor.cross_replace_steps} and "
+                                f"self_replace_steps {editor.self_replace_steps} of {steps} steps are both under one "
+                                f"step, with no reweight or local blend, so the edit runs without P2P.")
+        self.blend_from = int(editor.blend_start * steps)
+        self.maps: dict = {}  # branch -> [B, queries, tokens] summed over steps and map layers, head-averaged
+        self.map_calls: dict = {}
+        self.user_mask: Optional[torch.Tensor] = None
+        self.blend_masks: list = []  # (step, mask) of every blended step, with ``record``
+
     def average_maps(self, branch: str = "target") -> Optional[torch.Tensor]:
         """``[B, h, w, tokens]`` cross-attention maps of ``branch`` averaged over the steps and map layers so far."""
         if branch not in self.maps:
@@ -210,28 +229,14 @@ class P2PController(LocalBlend, EditController):
     """One run of a :class:`P2PEditor` over a UNet's attention layers (see the module docstring)."""
 
     def __init__(self, editor: P2PEditor, layers: Sequence[AttentionLayer], steps: int, latent_shape: Sequence[int]):
-        self.editor = editor
-        self.steps = steps
-        self.latent_hw = tuple(latent_shape[-2:])
-        self.cross_steps = int(editor.cross_replace_steps * steps)
-        self.self_steps = int(editor.self_replace_steps * steps)
-        check_mask_batch("local-blend mask", editor.mask, latent_shape)
-        if not (self.cross_steps or self.self_steps or editor.reweight or editor.local_blend):
-            self.idle_reason = (f"P2P edits nothing: cross_replace_steps {editor.cross_replace_steps} and "
-                                f"self_replace_steps {editor.self_replace_steps} of {steps} steps are both under one "
-                                f"step, with no reweight or local blend, so the edit runs without P2P.")
-        self.blend_from = int(editor.blend_start * steps)
+        self._start(editor, steps, latent_shape)
         self.mapping = editor.cross_mapping()
         self.scale = editor.equalizer()
         factor = map_factor(layers)
         self.map_keys = {layer.key for layer in layers if layer.cross and layer.place != "mid" and layer.factor == factor}
         self.map_factor = factor
         self.cache: dict = {}
-        self.maps: dict = {}  # branch -> [B, queries, tokens] summed over steps and map layers, head-averaged
-        self.map_calls: dict = {}
         self.records: list = []
-        self.user_mask: Optional[torch.Tensor] = None
-        self.blend_masks: list = []  # (step, mask) of every blended step, with ``record``
 
     # -- which calls need the controller ------------------------------------------------------------------------
     def step_of(self, level: int) -> int:
